@@ -1,0 +1,543 @@
+"""The one configuration schema: every isubg setting with its type, hard bounds, advice and help text.
+
+Hard bounds are validation errors. The tuning guide's advice ranges are not: a value outside them
+is legal and yields a `ConfigWarning`, which every command shows. Fields keep the seed guide's
+names (`lr`, `AOA_layers`, `use_mgat`, ...) so that `--set lr=3e-4`, `--set train.lr=3e-4` and the
+`--lr` flag all reach the same place.
+
+Field metadata lives in `json_schema_extra`:
+    advice: {"min": lo, "max": hi} | {"choices": [...]} | {"note": "..."} (+ optional "note")
+    seed:   True for names the seed guide defines (they get a bare-name shortcut and a CLI flag)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import annotated_types
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+__all__ = [
+    "BRANCHES",
+    "ConfigError",
+    "ConfigWarning",
+    "ParamSpec",
+    "RunConfig",
+    "config_diff",
+    "config_warnings",
+    "default_config",
+    "format_advice",
+    "format_value",
+    "get_value",
+    "param_specs",
+    "seed_params",
+]
+
+BRANCHES: tuple[str, ...] = ("cfrf", "isubg", "xvlm")
+
+
+class ConfigError(ValueError):
+    """A user's configuration cannot be used. The message is one paragraph naming file and key."""
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """A legal value the tuning guide advises against, or a setting that has no effect here."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Field helpers
+
+
+def _reject_bool(value: Any) -> Any:
+    # bool is a subclass of int, so pydantic would read `batch_size: true` as 1; that is a typo.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+Int = Annotated[int, BeforeValidator(_reject_bool)]
+Float = Annotated[float, BeforeValidator(_reject_bool)]
+
+
+def _p(
+    default: Any,
+    description: str,
+    *,
+    advice: dict[str, Any] | None = None,
+    seed: bool = False,
+    **bounds: Any,
+) -> Any:
+    """A schema field carrying its help text, the guide's advice and whether the seed names it."""
+    extra: dict[str, Any] = {"seed": seed}
+    if advice is not None:
+        extra["advice"] = advice
+    return Field(default, description=description, json_schema_extra=extra, **bounds)
+
+
+def _range(low: float, high: float, note: str | None = None) -> dict[str, Any]:
+    return {"min": low, "max": high, **({"note": note} if note else {})}
+
+
+def _choices(*values: Any) -> dict[str, Any]:
+    return {"choices": list(values)}
+
+
+def _note(text: str) -> dict[str, Any]:
+    return {"note": text}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how questions and images are cut to size."""
+
+    dataset: Annotated[Literal["GQA", "VQA"], BeforeValidator(_upper)] = _p(
+        "GQA", "Dataset: GQA or VQA (VQA v2); case-insensitive.", seed=True
+    )
+    root: Path | None = _p(
+        None, "Processed data folder written by `isubg data prepare`; unset: the embedded demo dataset."
+    )
+    features: Path | None = _p(None, "HDF5 box-feature file; unset: the file named in the processed folder's manifest.")
+    glove: Path | None = _p(
+        None, "Local glove.6B.300d.txt used to initialise word embeddings; unset: random initialisation."
+    )
+    image_root: Path | None = _p(
+        None, "Image folder for the X-VLM Swin/ViT encoder (model.xvlm.vision); unset: region features only."
+    )
+    train_split: str = _p("train", "Split trained on.", min_length=1)
+    val_split: str = _p("val", "Split validated on after each epoch.", min_length=1)
+    question_len: Int = _p(12, "Maximum question length in tokens.", advice=_range(8, 20), seed=True, ge=1)
+    max_boxes: Int = _p(
+        50,
+        "Maximum boxes per image (adaptive features have 10-100); extra boxes are dropped.",
+        advice=_range(30, 100),
+        seed=True,
+        ge=1,
+    )
+    num_stat_word: Int = _p(
+        30, "Number of statistical (image label) words per image.", advice=_range(20, 50), seed=True, ge=1
+    )
+    tfidf: bool = _p(True, "Concatenate a tf-idf weighted word embedding.", advice=_note("keep true"), seed=True)
+    min_answer_count: Int = _p(9, "VQA: keep answers given at least this many times in the training annotations.", ge=1)
+    num_workers: Int = _p(2, "DataLoader worker processes (0 loads in the main process).", ge=0)
+    in_memory: bool = _p(False, "Read the whole feature file into RAM instead of lazily from disk.")
+
+
+class CfrfConfig(_Section):
+    """The fine-grained branch: BAN bilinear attention, the Zhang counter and AoA layers."""
+
+    gamma: Int = _p(2, "BAN glimpses.", advice=_range(1, 4), seed=True, ge=1)
+    use_counter: bool = _p(
+        False, "Zhang et al. counting module on the attended boxes.", advice=_note("task-dependent"), seed=True
+    )
+    counter_act: Literal["zhang", "identity"] = _p(
+        "zhang",
+        "Counter activation: 'zhang' (learned monotone piecewise-linear maps) or 'identity' (no learned maps).",
+        advice=_choices("zhang"),
+        seed=True,
+    )
+    AOA_layers: Int = _p(6, "Attention-on-attention layers.", advice=_range(4, 8), seed=True, ge=0)
+    num_hid: Int = _p(1024, "Joint representation width (any value works).", advice=_range(512, 2048), seed=True, ge=1)
+    activation: Literal["relu", "swish", "gelu", "tanh"] = _p(
+        "swish", "Classifier activation.", advice=_choices("relu", "swish"), seed=True
+    )
+    dropout: Float = _p(0.45, "Classifier dropout rate.", advice=_range(0.3, 0.6), seed=True, ge=0.0, lt=1.0)
+    omega_q: Float = _p(
+        0.1, "Weight of question-instruction (entity) fusion.", advice=_range(0.05, 0.2), seed=True, ge=0.0
+    )
+    omega_v: Float = _p(
+        0.01, "Weight of image-semantics (stat-word/box) fusion.", advice=_range(0.005, 0.05), seed=True, ge=0.0
+    )
+
+
+class IsubgConfig(_Section):
+    """The ISubGVQA scene-graph branch: instruction-conditioned GAT layers and a node-subset sampler."""
+
+    general_hidden_dim: Int = _p(300, "Hidden width of the graph branch.", advice=_range(256, 512), seed=True, ge=1)
+    mgat_layers: Int = _p(4, "Graph attention layers (one instruction each).", advice=_range(2, 6), seed=True, ge=1)
+    sampler_type: Literal["imle", "gumbel"] = _p(
+        "imle", "Node-subset sampler: 'imle' or 'gumbel'.", advice=_choices("imle", "gumbel"), seed=True
+    )
+    sample_k: Int = _p(2, "Nodes kept per graph (all when a graph has fewer).", advice=_range(1, 5), seed=True, ge=1)
+    nb_samples: Int = _p(1, "Samples drawn per step and averaged.", advice=_range(1, 3), seed=True, ge=1)
+    alpha: Float = _p(1.0, "IMLE target interpolation.", advice=_range(0.5, 2.0), seed=True, gt=0.0)
+    beta: Float = _p(10.0, "IMLE target step size.", advice=_range(5.0, 20.0), seed=True, gt=0.0)
+    tau: Float = _p(1.0, "Sampler noise temperature.", advice=_range(0.5, 2.0), seed=True, gt=0.0)
+    use_instruction: bool = _p(True, "Condition graph layers on question instructions (0/1).", seed=True)
+    use_masking: bool = _p(True, "Apply the sampled node mask (0/1).", seed=True)
+    use_mgat: bool = _p(False, "Masked GAT layers (1) instead of plain GATv2 layers (0).", seed=True)
+
+
+class XvlmConfig(_Section):
+    """The X-VLM cross-modal transformer branch and where its weights and settings come from."""
+
+    checkpoint: Path | None = _p(
+        None, "X-VLM checkpoint to initialise from (seed: --checkpoint); unset: random init.", seed=True
+    )
+    xvlm_config: Path | None = _p(
+        None, "X-VLM settings YAML such as configs/VQA_480.yaml (the seed's --config).", seed=True
+    )
+    text_encoder: Path | None = _p(
+        None, "Local BERT folder (config, vocab, weights) for the text layers; unset: built from the sizes below."
+    )
+    vision: Literal["regions", "swin", "vit"] = _p(
+        "regions", "Visual tokens: projected region features, or a Swin/ViT encoder over data.image_root."
+    )
+    image_res: Int = _p(480, "Image resolution for the Swin/ViT encoder.", ge=32)
+    hidden_size: Int = _p(768, "Transformer width.", ge=8)
+    num_heads: Int = _p(12, "Attention heads (must divide hidden_size).", ge=1)
+    num_text_layers: Int = _p(6, "Text-only BERT layers.", ge=0)
+    num_cross_layers: Int = _p(6, "BERT layers with cross-attention to the visual tokens.", ge=1)
+    intermediate_size: Int = _p(3072, "Feed-forward width of each transformer layer.", ge=1)
+    max_tokens: Int = _p(40, "Maximum question tokens for the X-VLM tokenizer.", ge=1)
+    topk: Int = _p(6, "Top-K: X-VLM candidate answers and stat-word selection.", advice=_range(3, 10), seed=True, ge=1)
+
+
+class FusionConfig(_Section):
+    """Per-answer weighting of the branches' answer distributions."""
+
+    fusion_ratio: Float = _p(0.1, "Weight of the fused-answer loss.", advice=_range(0.05, 0.2), seed=True, ge=0.0)
+
+
+class ModelConfig(_Section):
+    """Which branches run, and each branch's settings."""
+
+    branches: list[Literal["cfrf", "isubg", "xvlm"]] = _p(
+        list(BRANCHES), "Branches to build and train: any non-empty subset of cfrf, isubg, xvlm."
+    )
+    cfrf: CfrfConfig = Field(default_factory=CfrfConfig)
+    isubg: IsubgConfig = Field(default_factory=IsubgConfig)
+    xvlm: XvlmConfig = Field(default_factory=XvlmConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+
+    @field_validator("branches")
+    @classmethod
+    def _branches_nonempty_unique(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one branch is needed (cfrf, isubg, xvlm)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a branch is listed twice: {value}")
+        return value
+
+
+class TrainConfig(_Section):
+    """The training run: length, learning rates, micro-batch, seed and where results go."""
+
+    epochs: Int = _p(20, "Training epochs.", advice=_range(10, 50), seed=True, ge=1)
+    lr: Float = _p(
+        2.8e-4, "Main learning rate (Adamax; every non-X-VLM parameter).", advice=_range(1e-4, 5e-4), seed=True, gt=0.0
+    )
+    xvlm_lr: Float = _p(5e-5, "X-VLM branch learning rate (AdamW).", advice=_range(1e-5, 1e-4), seed=True, gt=0.0)
+    batch_size: Int = _p(32, "Micro-batch size.", advice=_range(16, 64, "by GPU memory"), seed=True, ge=1)
+    update_freq: Int = _p(4, "Optimizer step every N accumulated micro-batches.", advice=_range(2, 8), seed=True, ge=1)
+    seed: Int = _p(1204, "Random seed; the same seed reproduces a run.", seed=True, ge=0)
+    output: Path | None = _p(None, "Run directory; unset: runs/<date>-<time>-<preset>.", seed=True)
+
+
+class OptimConfig(_Section):
+    """Gradient handling shared by both optimizers."""
+
+    clip_norm: Float = _p(0.25, "Global gradient-norm clip.", advice=_range(0.1, 0.5), seed=True, gt=0.0)
+    gradient_accumulation_steps: Int = _p(
+        1,
+        "Micro-batches per update on top of update_freq; dynamic batch sizing may raise it.",
+        advice=_range(1, 8),
+        seed=True,
+        ge=1,
+    )
+    xvlm_weight_decay: Float = _p(0.01, "AdamW weight decay of the X-VLM branch.", ge=0.0)
+
+
+class MemoryConfig(_Section):
+    """Device memory: budgets, precision and memory-saving kernels."""
+
+    dynamic_batch_size: bool = _p(
+        False,
+        "Fit the micro-batch to memory, keeping the effective batch.",
+        advice=_note("on when memory is short"),
+        seed=True,
+    )
+    max_memory_usage: Float = _p(
+        0.8, "Fraction of device memory the run may use.", advice=_range(0.7, 0.9), seed=True, gt=0.0, le=1.0
+    )
+    mixed_precision: bool = _p(
+        False, "Autocast: bf16 where supported, else fp16 with a grad scaler.", advice=_note("usually on"), seed=True
+    )
+    memory_efficient_attention: bool = _p(
+        False, "Memory-efficient attention kernels and chunking.", advice=_note("on when memory is short"), seed=True
+    )
+
+
+class EvalConfig(_Section):
+    """Evaluation of a trained run."""
+
+    split: str = _p("val", "Split to evaluate (val, testdev, ...).", min_length=1)
+    batch_size: Int | None = _p(None, "Evaluation batch size; unset: twice train.batch_size.", ge=1)
+
+
+class TuneConfig(_Section):
+    """Hyperparameter studies (Optuna)."""
+
+    study: str | None = _p(None, "Study name; unset: derived from the plan and preset.")
+    storage: str | None = _p(None, "Optuna storage URL; unset: a journal file in the output folder.")
+    trials: Int = _p(20, "Trials to run (per worker process).", ge=1)
+    seeds: Int = _p(1, "Seeds per configuration; configurations are ranked by the mean.", ge=1)
+    pruner: Literal["median", "hyperband", "none"] = _p("median", "Pruner that stops hopeless trials early.")
+
+
+class RunConfig(_Section):
+    """Everything one isubg run needs. Build it with `isubg.resolve.resolve_config`."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step: batch_size x gradient_accumulation_steps x update_freq."""
+        return self.train.batch_size * self.optim.gradient_accumulation_steps * self.train.update_freq
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunConfig:
+        x = self.model.xvlm
+        if "xvlm" in self.model.branches and x.hidden_size % x.num_heads:
+            raise ValueError(
+                f"model.xvlm.hidden_size ({x.hidden_size}) must be a multiple of model.xvlm.num_heads ({x.num_heads})"
+            )
+        if "xvlm" in self.model.branches and x.vision != "regions" and self.data.image_root is None:
+            raise ValueError(
+                f"model.xvlm.vision={x.vision!r} encodes images, so data.image_root must name the image folder "
+                "(or use vision: regions)"
+            )
+        return self
+
+
+def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(path, value in a, value in b) for every parameter that differs, in schema order."""
+    return [(p, get_value(a, p), get_value(b, p)) for p in param_specs() if get_value(a, p) != get_value(b, p)]
+
+
+def default_config() -> RunConfig:
+    """The schema defaults: the seed guide's defaults and the `default` preset."""
+    return RunConfig()
+
+
+# --------------------------------------------------------------------------------------------------
+# Introspection: every leaf parameter with its metadata
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One leaf setting of the schema."""
+
+    path: str  # dotted, e.g. "model.cfrf.AOA_layers"
+    name: str  # the leaf name, e.g. "AOA_layers"
+    section: str  # the dotted section, e.g. "model.cfrf"
+    info: FieldInfo
+    seed: bool
+
+    @property
+    def description(self) -> str:
+        return self.info.description or ""
+
+    @property
+    def default(self) -> Any:
+        return self.info.get_default(call_default_factory=True)
+
+    @property
+    def advice(self) -> dict[str, Any] | None:
+        extra = self.info.json_schema_extra
+        return extra.get("advice") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+    def allowed(self) -> str:
+        """What values the schema accepts, in words (for error messages and docs)."""
+        return _allowed(self.info)
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Section)
+
+
+def _walk(model: type[BaseModel], prefix: str) -> Iterator[ParamSpec]:
+    for name, info in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if _is_section(info.annotation):
+            yield from _walk(info.annotation, path)
+        else:
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            yield ParamSpec(path=path, name=name, section=prefix, info=info, seed=bool(extra.get("seed")))
+
+
+@cache
+def param_specs() -> dict[str, ParamSpec]:
+    """Every leaf parameter of `RunConfig`, keyed by dotted path, in schema order."""
+    return {spec.path: spec for spec in _walk(RunConfig, "")}
+
+
+@cache
+def seed_params() -> dict[str, str]:
+    """The seed guide's names mapped to their dotted paths (`lr` -> `train.lr`)."""
+    out: dict[str, str] = {}
+    for spec in param_specs().values():
+        if spec.seed:
+            if spec.name in out:  # pragma: no cover - guarded by a test; bare names must be unique
+                raise AssertionError(f"seed name {spec.name} appears twice in the schema")
+            out[spec.name] = spec.path
+    return out
+
+
+@cache
+def section_paths() -> tuple[str, ...]:
+    """Every section's dotted path ("data", "model", "model.cfrf", ...), in schema order."""
+    seen: dict[str, None] = {}
+    for spec in param_specs().values():
+        parts = spec.section.split(".")
+        for i in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:i]), None)
+    return tuple(seen)
+
+
+def _type_words(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _type_words(get_args(annotation)[0])
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if origin is list:
+        return "a list drawn from " + _type_words(get_args(annotation)[0]).removeprefix("one of ")
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if args and len(args) < len(get_args(annotation)):  # Optional[...]
+        return _type_words(args[0]) + " or null"
+    names = {bool: "true/false (also yes/no, 1/0)", int: "an integer", float: "a number", str: "text", Path: "a path"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _allowed(info: FieldInfo) -> str:
+    words = _type_words(info.annotation)
+    bounds = []
+    for meta in info.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if isinstance(meta, getattr(annotated_types, attr.capitalize())):
+                bounds.append(f"{sign} {format_value(getattr(meta, attr))}")
+        if isinstance(meta, annotated_types.MinLen):
+            words = "non-empty " + words
+    return words + (" " + " and ".join(bounds) if bounds else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Warnings: legal values the guide advises against, and settings that do nothing in this config
+
+
+def format_value(value: Any) -> str:
+    """A value as a user writes it in YAML (true, 0.00028, cfrf, isubg, -)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e6:
+            return f"{value:.1f}"  # 8.0, not 8: the parameter is a float
+        # 5e-05 -> 5e-5: the way learning rates are written in papers and YAML files.
+        return f"{value:g}".replace("e-0", "e-").replace("e+0", "e+")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+def format_advice(advice: dict[str, Any] | None) -> str:
+    """The guide's advice in words ("10-50", "relu | swish", "keep true")."""
+    if not advice:
+        return ""
+    if "min" in advice:
+        low, high = advice["min"], advice["max"]
+        sep = " .. " if isinstance(low, float) or isinstance(high, float) else "-"
+        text = f"{format_value(low)}{sep}{format_value(high)}"
+        return f"{text} ({advice['note']})" if "note" in advice else text
+    if "choices" in advice:
+        return " | ".join(format_value(c) for c in advice["choices"])
+    return str(advice.get("note", ""))
+
+
+def _outside_advice(value: Any, advice: dict[str, Any] | None) -> bool:
+    if not advice or value is None:
+        return False
+    if "min" in advice:
+        return not advice["min"] <= value <= advice["max"]
+    if "choices" in advice:
+        return value not in advice["choices"]
+    return False
+
+
+def get_value(cfg: BaseModel, path: str) -> Any:
+    """The value at a dotted path of a config (`get_value(cfg, "train.lr")`)."""
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(path, reason) pairs for settings that cannot act in this configuration."""
+    branches = cfg.model.branches
+    rules: list[tuple[str, str]] = []
+    for branch in BRANCHES:
+        if branch not in branches:
+            rules.extend(
+                (path, f"the {branch} branch is not in model.branches")
+                for path in param_specs()
+                if path.startswith(f"model.{branch}.") and path != "model.xvlm.topk"
+            )
+    if "xvlm" not in branches:
+        rules += [(p, "the xvlm branch is not in model.branches") for p in ("train.xvlm_lr", "optim.xvlm_weight_decay")]
+    if not cfg.model.cfrf.use_counter:
+        rules.append(("model.cfrf.counter_act", "use_counter is off"))
+    if cfg.model.isubg.sampler_type != "imle":
+        reason = f"sampler_type is {cfg.model.isubg.sampler_type!r}; alpha and beta only act with 'imle'"
+        rules += [("model.isubg.alpha", reason), ("model.isubg.beta", reason)]
+    if len(branches) == 1:
+        rules.append(("model.fusion.fusion_ratio", "fusion needs at least two branches"))
+    return rules
+
+
+def config_warnings(cfg: RunConfig) -> list[ConfigWarning]:
+    """Every advice-range departure and every changed setting that has no effect, in schema order."""
+    specs = param_specs()
+    found: dict[str, list[str]] = {}
+    for path, spec in specs.items():
+        value = get_value(cfg, path)
+        if _outside_advice(value, spec.advice):
+            found.setdefault(path, []).append(
+                f"{format_value(value)} is outside the tuning guide's advice ({format_advice(spec.advice)})"
+            )
+    for path, reason in _no_effect_rules(cfg):
+        if get_value(cfg, path) != specs[path].default:
+            found.setdefault(path, []).append(
+                f"set to {format_value(get_value(cfg, path))} but has no effect: {reason}"
+            )
+    return [ConfigWarning(path, msg) for path in specs if path in found for msg in found[path]]
