@@ -1,0 +1,43 @@
+"""The `isubg` command line: one Typer app, one file per command group.
+
+Heavy libraries (torch, h5py, transformers) are imported inside the commands that need them, so
+`isubg --help` and `isubg preset ...` start fast and never import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from isubg import __version__
+from isubg.cli import preset
+
+app = typer.Typer(
+    name="isubg",
+    help="Train, evaluate, tune and size a three-branch VQA model (cfrf, isubg, xvlm) on GQA and VQA v2.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(preset.app, name="preset")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"isubg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """isubg: train, evaluate, tune and size a three-branch VQA model on GQA and VQA v2."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

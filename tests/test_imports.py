@@ -1,0 +1,78 @@
+"""Import rules: the CLI front door never imports torch, and modules import only downwards."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "isubg"
+
+# Lower layers never import higher ones (DESIGN.md: config/batch/metrics/device -> data, models,
+# checkpoint, memory -> train/evaluate -> tune -> cli). Every module must be listed here.
+LAYERS = {
+    "isubg": 0,
+    "isubg.yamlio": 0,
+    "isubg.config": 1,
+    "isubg.console": 2,
+    "isubg.presets": 2,
+    "isubg.resolve": 3,
+    "isubg.reference": 4,
+    "isubg.cli": 9,
+    "isubg.__main__": 10,
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> int:
+    for name in sorted(LAYERS, key=len, reverse=True):
+        if module == name or module.startswith(name + "."):
+            return LAYERS[name]
+    raise AssertionError(f"{module} has no layer in tests/test_imports.py LAYERS")
+
+
+def _isubg_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("isubg"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("isubg"))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_flow_one_way(path: Path) -> None:
+    module = _module_name(path)
+    own = _layer(module)
+    for imported in _isubg_imports(path):
+        if imported == "isubg" or (imported.startswith(module.rsplit(".", 1)[0] + ".") and own == 9):
+            continue  # the package root (version) and siblings inside the cli package
+        assert _layer(imported) < own or imported == module, f"{module} (layer {own}) imports {imported}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [None, ["--help"], ["preset", "list"], ["preset", "show", "8gb"], ["preset", "show", "8gb", "--json"]],
+    ids=["import", "help", "list", "show", "show-json"],
+)
+def test_front_door_does_not_import_torch(args: list[str] | None) -> None:
+    if args is None:
+        code = "import sys, isubg, isubg.cli; print('torch' in sys.modules)"
+    else:
+        code = (
+            "import sys; from typer.testing import CliRunner; from isubg.cli import app; "
+            f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "
+            "print('torch' in sys.modules)"
+        )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
