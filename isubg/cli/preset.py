@@ -128,7 +128,7 @@ _SHOW_COLUMNS = ("", "parameter", "value", "default", "advice", "description")
 
 
 def _section_tables(resolved: Resolved, changed_only: bool) -> list[Table]:
-    """One table per config section; the short columns share one width so the tables line up."""
+    """One table per config section; marker and name columns share one width so the tables line up."""
     cfg, base = resolved.config, default_config()
     warned = {w.path for w in resolved.warnings}
     rows: dict[str, list[tuple[str, ...]]] = {}
@@ -139,13 +139,15 @@ def _section_tables(resolved: Resolved, changed_only: bool) -> list[Table]:
         marker = ("*" if value != default else " ") + ("!" if path in warned else " ")
         cells = (marker, spec.name, format_value(value), format_value(default), format_advice(spec.advice))
         rows.setdefault(spec.section, []).append((*cells, spec.description))
-    widths = [max((len(r[i]) for rs in rows.values() for r in rs), default=1) for i in range(5)]
+    widths = [max((len(r[i]) for rs in rows.values() for r in rs), default=1) for i in range(2)]
     tables = []
     for section, section_rows in rows.items():
         table = Table(title=section, title_justify="left", title_style="bold", expand=True)
         for i, name in enumerate(_SHOW_COLUMNS):
-            if i < 5:
+            if i < 2:
                 table.add_column(name, no_wrap=True, min_width=max(widths[i], len(name)))
+            elif i < 5:
+                table.add_column(name, no_wrap=True)
             else:
                 table.add_column(name, ratio=1)
         for row in section_rows:
