@@ -197,3 +197,21 @@ def test_bad_config_in_a_real_process_has_no_traceback(write_yaml: WriteYaml) ->
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "model.cfrf.dropout = 1.0" in result.stderr
+
+
+def test_seed_flags_reach_their_parameters(runner: CliRunner) -> None:
+    args = ["--lr", "1e-4", "--batch_size", "8", "--AOA-layers", "5", "--sampler_type", "gumbel"]
+    args += ["--mixed_precision", "--no-tfidf", "--use_mgat", "--no-use-instruction", "--dataset", "vqa"]
+    result = runner.invoke(app, ["preset", "show", "default", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    seed = json.loads(result.stdout)["seed_parameters"]
+    assert seed | {
+        "lr": 1e-4, "batch_size": 8, "AOA_layers": 5, "sampler_type": "gumbel", "mixed_precision": True,
+        "tfidf": False, "use_mgat": True, "use_instruction": False, "dataset": "VQA",
+    } == seed  # fmt: skip
+
+
+def test_every_seed_parameter_has_a_flag(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["preset", "show", "--help"], env={"COLUMNS": "200"})
+    for name in seed_params():
+        assert f"--{name.replace('_', '-')}" in result.output, name

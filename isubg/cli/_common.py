@@ -49,6 +49,7 @@ def user_errors() -> Iterator[None]:
 
 
 _FLAG_PREFIX = "seedflag_"
+_PANEL = "Hyperparameters (seed names)"
 
 
 def _flag_parameter(name: str, path: str) -> inspect.Parameter:
@@ -59,13 +60,15 @@ def _flag_parameter(name: str, path: str) -> inspect.Parameter:
     base = next((a for a in get_args(annotation) if a is not type(None)), annotation)
     help_text = f"{spec.description} [{path}]"
     if base is bool:
-        decls = [f"--{dashed}/--no-{dashed}"] + ([f"--{name}/--no_{name}"] if dashed != name else [])
-        option = typer.Option(*decls, help=help_text, rich_help_panel="Hyperparameters (seed names)")
+        # Switches, as the guide's store_true flags: --mixed_precision / --no-mixed_precision. The guide's
+        # `--tfidf False` and `--use_mgat 0` are written --no-tfidf, --no-use_mgat (or --set tfidf=false).
+        decls = [f"--{dashed}/--no-{dashed}"] + ([f"--{name}/--no-{name}"] if dashed != name else [])
+        option = typer.Option(*decls, help=help_text, rich_help_panel=_PANEL)
         kind: Any = bool | None
     else:
-        option = typer.Option(*aliases, help=help_text, rich_help_panel="Hyperparameters (seed names)")
-        # Literal choices and numbers arrive as text and are validated by the schema with the other layers,
-        # so a bad value gets the same message whether it came from a flag, --set or a file.
+        # Values arrive as text and are validated by the schema together with the other layers, so a bad
+        # value gets the same message whether it came from a flag, --set or a file.
+        option = typer.Option(*aliases, help=help_text, rich_help_panel=_PANEL)
         kind = Path | None if base is Path else str | None
     return inspect.Parameter(
         _FLAG_PREFIX + name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, option]
