@@ -22,6 +22,8 @@ import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from isubg.errors import ConfigError
+
 __all__ = [
     "BRANCHES",
     "ConfigError",
@@ -39,10 +41,6 @@ __all__ = [
 ]
 
 BRANCHES: tuple[str, ...] = ("cfrf", "isubg", "xvlm")
-
-
-class ConfigError(ValueError):
-    """A user's configuration cannot be used. The message is one paragraph naming file and key."""
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from typing import Annotated, Any, get_args
 
 import typer
 
-from isubg.config import ConfigError, param_specs, seed_params
+from isubg.config import param_specs, seed_params
 from isubg.console import print_error
+from isubg.errors import IsubgError
 from isubg.yamlio import YamlError, parse_yaml_value
 
 __all__ = ["ConfigOpt", "JsonOpt", "SetOpt", "seed_flags", "user_errors"]
@@ -36,10 +37,10 @@ ConfigOpt = Annotated[
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Report a ConfigError (or unwritable output) as one message on stderr and exit with code 2."""
+    """Report a user error (bad config, bad data file) as one message on stderr and exit with code 2."""
     try:
         yield
-    except ConfigError as exc:
+    except IsubgError as exc:
         print_error(str(exc))
         raise typer.Exit(2) from None
 
