@@ -1,0 +1,315 @@
+"""Read per-image box features from HDF5, lazily and safely across DataLoader workers.
+
+Two layouts are understood, both as written by the bottom-up-attention converters:
+
+adaptive (10-100 boxes per image; one row per box, images stacked)
+    image_features   (N_boxes, D) float32 or float16
+    image_bb         (N_boxes, 4) pixel x1, y1, x2, y2
+    spatial_features (N_boxes, 6) x1/W, y1/H, x2/W, y2/H, w/W, h/H
+    pos_boxes        (N_images, 2) int32 [start, end) row range of image index i
+fixed (the "36 boxes" release)
+    image_features   (N_images, K, D), image_bb (N_images, K, 4), spatial_features (N_images, K, 6)
+
+Optional per-box datasets written by `isubg data convert-features` when the TSV had them:
+`objects_id`, `objects_conf`, `attrs_id`, `attrs_conf` (N_boxes,). Optional per-image: `image_size`
+(N_images, 2) as (W, H).
+
+The image id -> index map is found, in this order: an explicit `id_map` path; an `image_ids` dataset
+inside the file (index i holds image i's id); a file beside it named `<stem>_imgid2idx.json` (our
+converter's) or `<stem>_imgid2idx.pkl` (the reference converters' pickle, read with an unpickler
+that only accepts plain dicts, ints and strings). Ids are always handled as strings: GQA ids are
+strings and VQA ids are ints, and one type avoids silent misses.
+
+**Box limit rule.** When an image has more than `max_boxes` boxes, the most confident `max_boxes`
+are kept if the file carries detector confidences (`objects_conf`), in their stored order;
+otherwise the first `max_boxes` rows in stored order are kept, which is what BAN and CFR do (the
+bottom-up extractor stores boxes in RPN order, so that is not a confidence ranking).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from isubg.errors import DataError
+
+__all__ = ["FeatureStore", "ImageBoxes", "read_id_map"]
+
+_REQUIRED = ("image_features", "image_bb", "spatial_features")
+_OPTIONAL_PER_BOX = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
+
+
+@dataclass(frozen=True)
+class ImageBoxes:
+    """The boxes of one image after the `max_boxes` rule; n <= max_boxes rows everywhere.
+
+    Attributes:
+        features: (n, D) float32 region features.
+        boxes: (n, 4) float32 pixel boxes x1, y1, x2, y2.
+        spatials: (n, 6) float32 normalised x1, y1, x2, y2, w, h.
+        labels: (n,) int64 detector class ids, or None when the file has no `objects_id`.
+        attributes: (n,) int64 detector attribute ids, or None when the file has no `attrs_id`.
+        total: how many boxes the image had before the limit.
+    """
+
+    features: np.ndarray
+    boxes: np.ndarray
+    spatials: np.ndarray
+    labels: np.ndarray | None
+    attributes: np.ndarray | None
+    total: int
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    # The reference id maps are pickled dicts of int/str; anything else in a pickle could run code.
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain dicts of ids are accepted")
+
+
+def read_id_map(path: Path) -> dict[str, int]:
+    """Read an image-id -> index map from `*_imgid2idx.json` or the reference `*_imgid2idx.pkl`.
+
+    Raises:
+        DataError: unreadable file, or not a mapping of ids to non-negative integers.
+    """
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw) if path.suffix == ".json" else _SafeUnpickler(io.BytesIO(raw)).load()
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read the image id map ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, int) and v >= 0 for v in data.values()):
+        raise DataError(f"{path}: expected a mapping of image id -> row index (non-negative integers)")
+    return {str(k): v for k, v in data.items()}
+
+
+def _find_id_map(path: Path, handle: h5py.File, id_map: Path | None) -> dict[str, int]:
+    if id_map is not None:
+        return read_id_map(id_map)
+    if "image_ids" in handle:
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in handle["image_ids"][()]]
+        return {image_id: i for i, image_id in enumerate(ids)}
+    for suffix in ("_imgid2idx.json", "_imgid2idx.pkl"):
+        beside = path.with_name(path.stem + suffix)
+        if beside.exists():
+            return read_id_map(beside)
+    raise DataError(
+        f"{path}: no image id map: the file has no 'image_ids' dataset and neither "
+        f"{path.stem}_imgid2idx.json nor {path.stem}_imgid2idx.pkl is beside it"
+    )
+
+
+class FeatureStore:
+    """Box features of many images, read one image at a time.
+
+    The HDF5 handle is opened on first use in each process and reopened after a fork, so a store
+    built in the main process can be handed to DataLoader workers: each worker gets its own handle.
+    With `in_memory=True` every array is read into RAM once at construction instead.
+
+    Args:
+        path: the HDF5 file (adaptive or fixed layout).
+        max_boxes: keep at most this many boxes per image (see the module docstring); None keeps all.
+        in_memory: read the whole file into RAM up front.
+        id_map: an explicit image-id map file (JSON or the reference pickle).
+
+    Raises:
+        DataError: not an HDF5 file, truncated, missing datasets, inconsistent shapes, `pos_boxes`
+            out of range, or no id map; every message names the file and the dataset or record.
+    """
+
+    def __init__(
+        self, path: str | Path, *, max_boxes: int | None = None, in_memory: bool = False, id_map: Path | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.max_boxes = max_boxes
+        self.in_memory = in_memory
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+        handle = self._open()
+        try:
+            self.layout = self._check_layout(handle)
+            self._id_to_index = _find_id_map(self.path, handle, id_map)
+            self.feature_dim = int(handle["image_features"].shape[-1])
+            self.optional = tuple(k for k in _OPTIONAL_PER_BOX if k in handle)
+            self.has_image_size = "image_size" in handle
+            num_images = self._load_index(handle)
+            self._check_id_map(num_images)
+            self._arrays: dict[str, np.ndarray] | None = None
+            if in_memory:
+                keys = (*_REQUIRED, *self.optional, *(("image_size",) if self.has_image_size else ()))
+                self._arrays = {k: handle[k][()] for k in keys}
+        except (OSError, KeyError) as exc:
+            raise DataError(f"{self.path}: cannot read the features file ({exc})") from None
+        finally:
+            if in_memory:
+                self.close()
+
+    # ---------------------------------------------------------------------------------------------
+    # Opening and checking
+
+    def _open(self) -> h5py.File:
+        """The process-local handle; a fork (a DataLoader worker) gets a fresh one."""
+        if self._handle is None or self._pid != os.getpid():
+            if not self.path.exists():
+                raise DataError(f"{self.path}: no such features file")
+            try:
+                self._handle = h5py.File(self.path, "r")
+            except OSError as exc:
+                raise DataError(
+                    f"{self.path}: not a readable HDF5 file (truncated or another format?): {exc}"
+                ) from None
+            self._pid = os.getpid()
+        return self._handle
+
+    def _check_layout(self, handle: h5py.File) -> str:
+        missing = [k for k in _REQUIRED if k not in handle]
+        if missing:
+            raise DataError(f"{self.path}: missing dataset(s) {', '.join(missing)}; found {', '.join(handle)}")
+        feats = handle["image_features"]
+        if feats.dtype.kind != "f":
+            raise DataError(f"{self.path}: image_features has dtype {feats.dtype}; expected float32 or float16")
+        if feats.ndim == 3:
+            expect = {"image_bb": (*feats.shape[:2], 4), "spatial_features": (*feats.shape[:2], 6)}
+            layout = "fixed"
+        elif feats.ndim == 2:
+            if "pos_boxes" not in handle:
+                raise DataError(f"{self.path}: 2-D image_features need a 'pos_boxes' dataset (adaptive layout)")
+            expect = {"image_bb": (feats.shape[0], 4), "spatial_features": (feats.shape[0], 6)}
+            layout = "adaptive"
+        else:
+            raise DataError(f"{self.path}: image_features has {feats.ndim} dimensions; expected 2 or 3")
+        for key, shape in expect.items():
+            if handle[key].shape != shape:
+                raise DataError(f"{self.path}: {key} has shape {handle[key].shape}, expected {shape}")
+        for key in _OPTIONAL_PER_BOX:
+            if key in handle and handle[key].shape[0] != feats.shape[0]:
+                raise DataError(f"{self.path}: {key} has {handle[key].shape[0]} rows, image_features {feats.shape[0]}")
+        return layout
+
+    def _load_index(self, handle: h5py.File) -> int:
+        """Read `pos_boxes` (adaptive) and check every row range; return the image count."""
+        if self.layout == "fixed":
+            self._pos = None
+            return int(handle["image_features"].shape[0])
+        pos = np.asarray(handle["pos_boxes"][()], dtype=np.int64)
+        rows = handle["image_features"].shape[0]
+        if pos.ndim != 2 or pos.shape[1] != 2:
+            raise DataError(f"{self.path}: pos_boxes has shape {pos.shape}, expected (images, 2)")
+        bad = np.flatnonzero((pos[:, 0] < 0) | (pos[:, 1] > rows) | (pos[:, 0] >= pos[:, 1]))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(
+                f"{self.path}: pos_boxes[{i}] = {pos[i].tolist()} is not a non-empty range inside the "
+                f"{rows} feature rows ({bad.size} bad image(s) in all)"
+            )
+        self._pos = pos
+        return int(pos.shape[0])
+
+    def _check_id_map(self, num_images: int) -> None:
+        self.num_images = num_images
+        bad = [(k, v) for k, v in self._id_to_index.items() if v >= num_images]
+        if bad:
+            raise DataError(
+                f"{self.path}: the id map sends image {bad[0][0]} to index {bad[0][1]}, "
+                f"but the file holds {num_images} images"
+            )
+
+    # ---------------------------------------------------------------------------------------------
+    # Reading
+
+    def __len__(self) -> int:
+        return len(self._id_to_index)
+
+    def __contains__(self, image_id: object) -> bool:
+        return str(image_id) in self._id_to_index
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Every image id in the file, in index order."""
+        return sorted(self._id_to_index, key=self._id_to_index.__getitem__)
+
+    def num_boxes(self, image_id: str) -> int:
+        """Boxes stored for an image, before the `max_boxes` rule."""
+        index = self._index(image_id)
+        if self._pos is None:
+            return int(self._source("image_features").shape[1])
+        start, end = self._pos[index]
+        return int(end - start)
+
+    def _index(self, image_id: object) -> int:
+        try:
+            return self._id_to_index[str(image_id)]
+        except KeyError:
+            raise DataError(f"{self.path}: image {image_id} is not in the features file") from None
+
+    def _source(self, key: str) -> Any:
+        return self._arrays[key] if self._arrays is not None else self._open()[key]
+
+    def _read(self, key: str, index: int) -> np.ndarray:
+        if self._pos is None:
+            return np.asarray(self._source(key)[index])
+        start, end = self._pos[index]
+        return np.asarray(self._source(key)[start:end])
+
+    def get(self, image_id: object) -> ImageBoxes:
+        """The boxes of one image, limited by `max_boxes`.
+
+        Raises:
+            DataError: the image id is not in the file.
+        """
+        index = self._index(image_id)
+        features = self._read("image_features", index)
+        total = features.shape[0]
+        keep = self._keep(index, total)
+        extra = {k: self._read(k, index)[keep] for k in self.optional}
+        return ImageBoxes(
+            features=features[keep].astype(np.float32, copy=False),
+            boxes=self._read("image_bb", index)[keep].astype(np.float32, copy=False),
+            spatials=self._read("spatial_features", index)[keep].astype(np.float32, copy=False),
+            labels=extra["objects_id"].astype(np.int64) if "objects_id" in extra else None,
+            attributes=extra["attrs_id"].astype(np.int64) if "attrs_id" in extra else None,
+            total=total,
+        )
+
+    def _keep(self, index: int, total: int) -> slice | np.ndarray:
+        if self.max_boxes is None or total <= self.max_boxes:
+            return slice(None)
+        if "objects_conf" in self.optional:
+            conf = self._read("objects_conf", index)
+            # Stable sort so equal confidences keep stored order; the kept rows stay in stored order.
+            top = np.argsort(-conf, kind="stable")[: self.max_boxes]
+            return np.sort(top)
+        return slice(0, self.max_boxes)
+
+    def image_size(self, image_id: object) -> tuple[float, float] | None:
+        """(width, height) in pixels when the file records it, else None."""
+        if not self.has_image_size:
+            return None
+        w, h = self._source("image_size")[self._index(image_id)]
+        return float(w), float(h)
+
+    def close(self) -> None:
+        """Close this process's handle (reopened on the next read)."""
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+        self._pid = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An h5py handle cannot cross a process boundary; the receiving process opens its own.
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: h5py may already be gone
+            self.close()
