@@ -16,11 +16,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "isubg"
 LAYERS = {
     "isubg": 0,
     "isubg.yamlio": 0,
+    "isubg.errors": 0,
     "isubg.config": 1,
     "isubg.console": 2,
     "isubg.presets": 2,
     "isubg.resolve": 3,
     "isubg.reference": 4,
+    "isubg.data": 2,
+    "isubg.data.answers": 2,
+    "isubg.data.text": 2,
+    "isubg.data.features": 2,
+    "isubg.data.convert": 2,
+    "isubg.data.inspect": 3,
     "isubg.cli": 9,
     "isubg.__main__": 10,
 }
@@ -61,8 +68,15 @@ def test_imports_flow_one_way(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [None, ["--help"], ["preset", "list"], ["preset", "show", "8gb"], ["preset", "show", "8gb", "--json"]],
-    ids=["import", "help", "list", "show", "show-json"],
+    [
+        None,
+        ["--help"],
+        ["preset", "list"],
+        ["preset", "show", "8gb"],
+        ["preset", "show", "8gb", "--json"],
+        ["data", "--help"],
+    ],
+    ids=["import", "help", "list", "show", "show-json", "data-help"],
 )
 def test_front_door_does_not_import_torch(args: list[str] | None) -> None:
     if args is None:

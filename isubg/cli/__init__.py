@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from isubg import __version__
-from isubg.cli import preset
+from isubg.cli import data, preset
 
 app = typer.Typer(
     name="isubg",
@@ -21,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(preset.app, name="preset")
+app.add_typer(data.app, name="data")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,115 @@
+"""`isubg data ...`: convert box features and inspect data files.
+
+The data modules (h5py, numpy) are imported inside each command so `isubg --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from isubg.cli._common import JsonOpt, user_errors
+from isubg.console import err_console, out_console, print_json
+from isubg.errors import ConfigError
+
+app = typer.Typer(help="Prepare, convert and inspect data.", no_args_is_help=True)
+
+
+@app.command("convert-features")
+def convert_features(
+    sources: Annotated[list[Path], typer.Argument(help="Bottom-up-attention TSV files, read in order.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HDF5 file to write.")],
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed rows and list them.")] = False,
+    float16: Annotated[bool, typer.Option("--float16", help="Store features as float16 (half the size).")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Convert bottom-up-attention TSV files into one adaptive HDF5 features file.
+
+    Streams row by row (memory does not grow with the input), keeps the optional label fields
+    (objects_id, objects_conf, attrs_id, attrs_conf), writes OUTPUT's id map beside it as
+    <stem>_imgid2idx.json, and replaces OUTPUT only once the conversion has succeeded.
+    """
+    from isubg.data.convert import convert_tsv
+
+    with user_errors():
+        if output.exists() and not force:
+            raise ConfigError(f"{output} exists; pass --force to replace it")
+        missing = [str(s) for s in sources if not s.is_file()]
+        if missing:
+            raise ConfigError(f"no such TSV file: {', '.join(missing)}")
+        total = sum(s.stat().st_size for s in sources)
+        columns = (
+            TextColumn("converting"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err_console(), transient=True) as bar:
+            task = bar.add_task("convert", total=total)
+            report = convert_tsv(
+                sources,
+                output,
+                skip_bad=skip_bad,
+                dtype="float16" if float16 else "float32",
+                progress=lambda n: bar.advance(task, n),
+            )
+    console = out_console()
+    rate = report.images / report.seconds if report.seconds else float("inf")
+    console.print(
+        f"Wrote {output}: {report.images} images, {report.boxes} boxes, {report.feature_dim}-d features "
+        f"in {report.seconds:.1f} s ({rate:.0f} images/s)."
+    )
+    if report.skipped:
+        err = err_console()
+        err.print(f"Skipped {len(report.skipped)} bad row(s):")
+        for line in report.skipped:
+            err.print(f"  {line}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A features HDF5 file.")],
+    json_output: JsonOpt = False,
+) -> None:
+    """Summarise a data file and check every cross-reference in it; exit 1 if any problem is found."""
+    from isubg.data.inspect import inspect_features
+
+    with user_errors():
+        if not path.exists():
+            raise ConfigError(f"{path}: no such file or folder")
+        report = inspect_features(path)
+    if json_output:
+        print_json(report.to_json())
+    else:
+        _print_report(report)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+def _print_report(report: object) -> None:
+    console = out_console()
+    summary = Table(title=f"{report.path}", title_justify="left", show_header=False)  # type: ignore[attr-defined]
+    summary.add_column("what", style="bold")
+    summary.add_column("value")
+    for key, value in report.summary.items():  # type: ignore[attr-defined]
+        summary.add_row(key, str(value))
+    console.print(summary)
+    histogram = Table(title="boxes per image", title_justify="left")
+    histogram.add_column("boxes", justify="right")
+    histogram.add_column("images", justify="right")
+    for bucket, count in report.box_histogram.items():  # type: ignore[attr-defined]
+        histogram.add_row(bucket, str(count))
+    console.print(histogram)
+    problems = report.problems  # type: ignore[attr-defined]
+    if problems:
+        err = err_console()
+        err.print(f"[bold red]{len(problems)} problem(s):[/]")
+        for problem in problems:
+            err.print(f"  - {problem}", markup=False, soft_wrap=True)
+    else:
+        console.print("No problems found.")
