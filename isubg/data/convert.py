@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from isubg.data.files import write_json_atomic
 from isubg.errors import DataError
 
 __all__ = ["ConvertReport", "TsvRow", "convert_tsv", "iter_tsv_rows", "parse_tsv_row"]
@@ -180,12 +180,6 @@ class ConvertReport:
     seconds: float = 0.0
 
 
-def _atomic_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def convert_tsv(
     sources: Sequence[Path],
     output: Path,
@@ -244,7 +238,7 @@ def convert_tsv(
             raise DataError(f"no usable rows in {', '.join(map(str, sources))}")
         writer.finish()
         report.images, report.boxes, report.feature_dim = len(writer.ids), writer.rows, writer.feature_dim
-        _atomic_json(output.with_name(output.stem + "_imgid2idx.json"), {i: k for k, i in enumerate(writer.ids)})
+        write_json_atomic(output.with_name(output.stem + "_imgid2idx.json"), {i: k for k, i in enumerate(writer.ids)})
         os.replace(tmp, output)
     finally:
         if writer is not None and writer.file.id.valid:
