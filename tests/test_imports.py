@@ -31,7 +31,7 @@ LAYERS = {
     "isubg.data.questions": 3,
     "isubg.data.scene_graphs": 3,
     "isubg.data.convert": 3,
-    "isubg.data.inspect": 4,
+    "isubg.data.inspect": 5,
     "isubg.data.prepare": 4,
     "isubg.data.dataset": 5,
     "isubg.data.demo": 5,

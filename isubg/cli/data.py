@@ -72,17 +72,72 @@ def convert_features(
 
 
 @app.command()
+def prepare(
+    dataset: Annotated[str, typer.Argument(help="gqa or vqa.", metavar="gqa|vqa")],
+    raw: Annotated[Path, typer.Argument(help="Folder holding the official question/annotation/scene-graph files.")],
+    features: Annotated[Path, typer.Option("--features", help="The HDF5 box features of every image used.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The processed folder to write.")],
+    splits: Annotated[str, typer.Option(help="Comma-separated split names.")] = "train,val,testdev",
+    train_split: Annotated[str, typer.Option(help="The split answers and tf-idf are learned from.")] = "train",
+    glove: Annotated[Path | None, typer.Option(help="Local glove.6B.300d.txt for the embedding rows.")] = None,
+    min_answer_count: Annotated[
+        int | None, typer.Option(help="Keep answers seen this often in train (VQA default 9, GQA 1).", min=1)
+    ] = None,
+    object_vocab: Annotated[
+        Path | None, typer.Option(help="VQA: the detector's objects_vocab.txt, to name boxes in the graphs.")
+    ] = None,
+    attribute_vocab: Annotated[Path | None, typer.Option(help="VQA: the detector's attributes_vocab.txt.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Check the official files and build the processed folder training reads.
+
+    Every question's image must have features (and, for GQA, a scene graph); VQA scene graphs are
+    built from the boxes. OUTPUT is replaced only after everything was written.
+    """
+    from isubg.data.prepare import discover_splits
+    from isubg.data.prepare import prepare as run_prepare
+
+    with user_errors():
+        dataset = dataset.lower()
+        if dataset not in ("gqa", "vqa"):
+            raise ConfigError(f"dataset must be gqa or vqa, got {dataset!r}")
+        if output.exists() and not force:
+            raise ConfigError(f"{output} exists; pass --force to replace it")
+        names = [s.strip() for s in splits.split(",") if s.strip()]
+        files = discover_splits(dataset, raw, names)  # type: ignore[arg-type]
+        with err_console().status("preparing") as status:
+            report = run_prepare(
+                dataset,  # type: ignore[arg-type]
+                files,
+                features,
+                output,
+                train_split=train_split,
+                glove=glove,
+                min_answer_count=min_answer_count,
+                object_vocab=object_vocab,
+                attribute_vocab=attribute_vocab,
+                log=lambda message: status.update(message),
+            )
+    console = out_console()
+    console.print(f"Wrote {output} in {report.seconds:.1f} s: {report.dictionary} words, {report.answers} answers.")
+    for split, counts in report.splits.items():
+        lost = report.out_of_vocab.get(split, 0)
+        console.print(f"  {split}: {counts['questions']} questions, {counts['images']} images, {lost} unanswerable")
+    console.print(f"Check it with: isubg data inspect {output}")
+
+
+@app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A features HDF5 file.")],
+    path: Annotated[Path, typer.Argument(help="A processed data folder or a features HDF5 file.")],
     json_output: JsonOpt = False,
 ) -> None:
     """Summarise a data file and check every cross-reference in it; exit 1 if any problem is found."""
-    from isubg.data.inspect import inspect_features
+    from isubg.data.inspect import inspect_path
 
     with user_errors():
         if not path.exists():
             raise ConfigError(f"{path}: no such file or folder")
-        report = inspect_features(path)
+        report = inspect_path(path)
     if json_output:
         print_json(report.to_json())
     else:

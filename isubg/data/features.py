@@ -133,6 +133,7 @@ class FeatureStore:
         self.in_memory = in_memory
         self._handle: h5py.File | None = None
         self._pid: int | None = None
+        self._datasets: dict[str, Any] = {}
         handle = self._open()
         try:
             self.layout = self._check_layout(handle)
@@ -251,7 +252,15 @@ class FeatureStore:
             raise DataError(f"{self.path}: image {image_id} is not in the features file") from None
 
     def _source(self, key: str) -> Any:
-        return self._arrays[key] if self._arrays is not None else self._open()[key]
+        if self._arrays is not None:
+            return self._arrays[key]
+        handle = self._open()
+        # Looking a dataset up by name costs about as much as reading 50 boxes; keep the objects per handle.
+        if self._datasets.get("__handle__") is not handle:
+            self._datasets = {"__handle__": handle}
+        if key not in self._datasets:
+            self._datasets[key] = handle[key]
+        return self._datasets[key]
 
     def _read(self, key: str, index: int) -> np.ndarray:
         if self._pos is None:
@@ -302,12 +311,12 @@ class FeatureStore:
             self._handle.close()
         self._handle = None
         self._pid = None
+        self._datasets = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # An h5py handle cannot cross a process boundary; the receiving process opens its own.
         state = self.__dict__.copy()
-        state["_handle"] = None
-        state["_pid"] = None
+        state.update(_handle=None, _pid=None, _datasets={})
         return state
 
     def __del__(self) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from isubg.data.features import FeatureStore
 from isubg.errors import DataError
 
-__all__ = ["InspectReport", "box_histogram", "inspect_features"]
+__all__ = ["InspectReport", "box_histogram", "inspect_features", "inspect_path", "inspect_processed"]
 
 # Rows read per step when scanning a whole file for non-finite values: bounded memory on any size.
 _SCAN_ROWS = 65536
@@ -90,3 +90,103 @@ def inspect_features(path: Path) -> InspectReport:
     _scan_non_finite(store, report.problems)
     store.close()
     return report
+
+
+def _check_checksums(folder: Path, manifest: dict[str, Any], problems: list[str]) -> None:
+    from isubg.data.files import sha256_file
+
+    for name, info in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.exists():
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif sha256_file(path) != info.get("sha256"):
+            problems.append(f"{path}: checksum differs from the manifest (edited or corrupted after prepare)")
+
+
+def _majority(records: list[dict[str, Any]], answer: int | None) -> float:
+    """Accuracy of always answering `answer`: the soft score it earns, averaged over questions."""
+    if answer is None or not records:
+        return 0.0
+    total = 0.0
+    for r in records:
+        if answer in (r["labels"] or []):
+            total += r["scores"][r["labels"].index(answer)]
+    return total / len(records)
+
+
+def _check_split(
+    split: str, records: list[dict[str, Any]], refs: dict[str, Any], problems: list[str]
+) -> dict[str, int]:
+    """Cross-reference one split's records; returns per-split counts."""
+    store: FeatureStore = refs["store"]
+    missing: dict[str, set[str]] = {"features": set(), "graphs.json": set(), "stat_words.json": set()}
+    bad_tokens = bad_labels = unanswerable = 0
+    for r in records:
+        image = r["image_id"]
+        for what, present in (("features", image in store), ("graphs.json", image in refs["graphs"])):
+            if not present:
+                missing[what].add(image)
+        if image not in refs["stats"]:
+            missing["stat_words.json"].add(image)
+        bad_tokens += any(not 0 <= t < refs["words"] for t in r["tokens"])
+        if r["labels"] is not None:
+            bad_labels += any(not 0 <= a < refs["answers"] for a in r["labels"])
+            bad_labels += any(not 0 < s <= 1 for s in r["scores"])
+            unanswerable += not r["labels"]
+    for what, images in missing.items():
+        if images:
+            problems.append(f"split {split}: {len(images)} image(s) missing from {what}, e.g. {sorted(images)[0]}")
+    if bad_tokens:
+        problems.append(f"split {split}: {bad_tokens} question(s) hold word ids outside the dictionary")
+    if bad_labels:
+        problems.append(f"split {split}: {bad_labels} question(s) hold answer ids or scores out of range")
+    return {"questions": len(records), "images": len({r["image_id"] for r in records}), "unanswerable": unanswerable}
+
+
+def inspect_processed(folder: Path) -> InspectReport:
+    """Summarise a processed folder and check every cross-reference (see `isubg data inspect`)."""
+    from isubg.data.files import read_json
+    from isubg.data.prepare import read_manifest
+    from isubg.data.text import Dictionary
+
+    report = InspectReport(path=folder)
+    try:
+        manifest = read_manifest(folder)
+        _check_checksums(folder, manifest, report.problems)
+        store = FeatureStore(Path(manifest["features"]["path"]))
+        answers = read_json(folder / "answers.json")["answers"]
+        refs = {
+            "store": store,
+            "graphs": read_json(folder / "graphs.json"),
+            "stats": read_json(folder / "stat_words.json"),
+            "words": len(Dictionary.load(folder / "dictionary.json")),
+            "answers": len(answers),
+        }
+        splits = {s: read_json(folder / f"questions_{s}.json") for s in manifest["splits"]}
+    except DataError as exc:
+        report.problems.append(str(exc))
+        return report
+    train = splits.get(manifest.get("train_split", "train"), [])
+    counts = Counter(a for r in train if r["labels"] for a, s in zip(r["labels"], r["scores"], strict=True) if s == 1)
+    top = counts.most_common(1)[0][0] if counts else None
+    report.summary = {"dataset": manifest["dataset"], "answers": len(answers), "dictionary": refs["words"]}
+    for split, records in splits.items():
+        info = _check_split(split, records, refs, report.problems)
+        if not records:
+            report.problems.append(f"split {split}: empty")
+        baseline = f", majority '{answers[top]}' {_majority(records, top):.1%}" if top is not None else ""
+        labelled = records and records[0]["labels"] is not None
+        report.summary[f"split {split}"] = (
+            f"{info['questions']} questions, {info['images']} images, {info['unanswerable']} unanswerable"
+            + (baseline if labelled else ", no answers")
+        )
+    top5 = ", ".join(f"{answers[a]} {c / max(1, len(train)):.1%}" for a, c in counts.most_common(5))
+    report.summary["top train answers"] = top5 or "-"
+    used = sorted({r["image_id"] for records in splits.values() for r in records if r["image_id"] in store})
+    report.box_histogram = box_histogram([store.num_boxes(i) for i in used])
+    return report
+
+
+def inspect_path(path: Path) -> InspectReport:
+    """Inspect a processed folder or a features HDF5 file, whichever `path` is."""
+    return inspect_processed(path) if path.is_dir() else inspect_features(path)

@@ -1,0 +1,231 @@
+"""Join a processed split's questions with their box features, scene graphs and stat words; collate to Batch.
+
+`VQADataset` reads a folder written by `isubg data prepare` (or `isubg data demo`). Each item is a
+`Sample` of numpy arrays and one PyG graph; `collate` pads them into the `Batch` contract with masks.
+`make_loader` builds a DataLoader whose order depends only on the seed and the epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch_geometric.data import Batch as GraphBatch
+from torch_geometric.data import Data
+
+from isubg.batch import Batch
+from isubg.data.answers import AnswerVocab
+from isubg.data.features import FeatureStore
+from isubg.data.files import read_json
+from isubg.data.prepare import read_manifest
+from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
+from isubg.errors import DataError
+
+__all__ = ["Sample", "VQADataset", "collate", "make_loader"]
+
+MAX_ATTRIBUTES = 3  # attribute slots per scene-graph node
+
+
+@dataclass
+class Sample:
+    """One question, ready to collate. L = question_len, S = num_stat_word, n = this image's boxes."""
+
+    question_id: str
+    image_id: str
+    question: str
+    qtype: str
+    q_tokens: np.ndarray  # (L,) int64, 0-padded
+    q_len: int
+    entity: np.ndarray  # (L,) bool
+    features: np.ndarray  # (n, D) float32
+    spatials: np.ndarray  # (n, 6) float32
+    stat_tokens: np.ndarray  # (S,) int64, 0-padded
+    stat_len: int
+    graph: Data
+    labels: np.ndarray | None  # (m,) int64 answer ids with a positive score
+    scores: np.ndarray | None  # (m,) float32
+
+
+def _pad(values: Sequence[int], length: int) -> tuple[np.ndarray, int]:
+    kept = list(values)[:length]
+    out = np.zeros(length, dtype=np.int64)
+    out[: len(kept)] = kept
+    return out, len(kept)
+
+
+class VQADataset(Dataset[Sample]):
+    """The questions of one split of a processed folder.
+
+    Args:
+        folder: a processed data folder (has manifest.json).
+        split: a split name listed in the manifest.
+        question_len: tokens kept per question (truncated, then 0-padded).
+        max_boxes: boxes kept per image (see FeatureStore's rule).
+        num_stat_word: stat words per image.
+        features: the HDF5 features; None uses the path recorded in the manifest.
+        in_memory: read the features into RAM.
+
+    Raises:
+        DataError: not a processed folder, unknown or empty split, or missing features.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        split: str,
+        *,
+        question_len: int,
+        max_boxes: int,
+        num_stat_word: int,
+        features: Path | None = None,
+        in_memory: bool = False,
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if split not in self.manifest["splits"]:
+            raise DataError(f"{self.folder}: no split '{split}'; it has {', '.join(self.manifest['splits'])}")
+        self.split = split
+        self.records: list[dict[str, Any]] = read_json(self.folder / f"questions_{split}.json")
+        if not self.records:
+            raise DataError(f"{self.folder}: split '{split}' holds no questions")
+        self.question_len, self.num_stat_word = question_len, num_stat_word
+        self.answers = AnswerVocab.from_json(read_json(self.folder / "answers.json"))
+        self.graph_vocab = GraphVocab.load(self.folder / "graph_vocab.json")
+        self._graphs: dict[str, Any] = read_json(self.folder / "graphs.json")
+        self._stats: dict[str, list[int]] = read_json(self.folder / "stat_words.json")
+        path = Path(features) if features is not None else Path(self.manifest["features"]["path"])
+        if not path.is_absolute():
+            path = self.folder / path
+        self.features = FeatureStore(path, max_boxes=max_boxes, in_memory=in_memory)
+        self.has_targets = self.records[0]["labels"] is not None
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.answers)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.features.feature_dim
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def graph(self, image_id: str) -> SceneGraph:
+        """The scene graph of an image."""
+        try:
+            raw = self._graphs[image_id]
+        except KeyError:
+            raise DataError(f"{self.folder}/graphs.json: no scene graph for image {image_id}") from None
+        return SceneGraph.from_json(raw, where=f"{self.folder}/graphs.json image {image_id}")
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        image_id = record["image_id"]
+        boxes = self.features.get(image_id)
+        q_tokens, q_len = _pad(record["tokens"], self.question_len)
+        entity, _ = _pad(record["entity"], self.question_len)
+        stat_tokens, stat_len = _pad(self._stats.get(image_id, []), self.num_stat_word)
+        labels = record["labels"]
+        return Sample(
+            question_id=record["question_id"],
+            image_id=image_id,
+            question=record["question"],
+            qtype=record["qtype"],
+            q_tokens=q_tokens,
+            q_len=q_len,
+            entity=entity.astype(bool),
+            features=boxes.features,
+            spatials=boxes.spatials,
+            stat_tokens=stat_tokens,
+            stat_len=stat_len,
+            graph=to_pyg(self.graph(image_id), self.graph_vocab, max_attributes=MAX_ATTRIBUTES),
+            labels=None if labels is None else np.asarray(labels, dtype=np.int64),
+            scores=None if labels is None else np.asarray(record["scores"], dtype=np.float32),
+        )
+
+
+def _lengths_mask(lengths: Sequence[int], width: int) -> torch.Tensor:
+    return torch.arange(width)[None, :] < torch.as_tensor(list(lengths))[:, None]
+
+
+def collate(samples: Sequence[Sample], num_answers: int) -> Batch:
+    """Pad samples into one Batch (shapes in isubg.batch.Batch).
+
+    Boxes are padded to the largest count in this batch, so a batch of small images stays small.
+
+    Raises:
+        ValueError: an empty list, or samples with and without targets mixed.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    size, dim = max(s.features.shape[0] for s in samples), samples[0].features.shape[1]
+    features = torch.zeros(len(samples), size, dim)
+    spatials = torch.zeros(len(samples), size, 6)
+    for i, s in enumerate(samples):
+        features[i, : s.features.shape[0]] = torch.from_numpy(s.features)
+        spatials[i, : s.spatials.shape[0]] = torch.from_numpy(s.spatials)
+    labelled = {s.labels is not None for s in samples}
+    if len(labelled) > 1:
+        raise ValueError("a batch mixes samples with and without answers")
+    targets = None
+    if labelled == {True}:
+        targets = torch.zeros(len(samples), num_answers)
+        for i, s in enumerate(samples):
+            targets[i, torch.from_numpy(s.labels)] = torch.from_numpy(s.scores)
+    q_tokens = torch.from_numpy(np.stack([s.q_tokens for s in samples]))
+    stat_tokens = torch.from_numpy(np.stack([s.stat_tokens for s in samples]))
+    return Batch(
+        question_ids=[s.question_id for s in samples],
+        image_ids=[s.image_id for s in samples],
+        questions=[s.question for s in samples],
+        q_tokens=q_tokens,
+        q_mask=_lengths_mask([s.q_len for s in samples], q_tokens.shape[1]),
+        entity_mask=torch.from_numpy(np.stack([s.entity for s in samples])),
+        features=features,
+        spatials=spatials,
+        box_mask=_lengths_mask([s.features.shape[0] for s in samples], size),
+        stat_tokens=stat_tokens,
+        stat_mask=_lengths_mask([s.stat_len for s in samples], stat_tokens.shape[1]),
+        graphs=GraphBatch.from_data_list([s.graph for s in samples]),
+        targets=targets,
+        question_types=[s.qtype for s in samples],
+    )
+
+
+class _Collate:
+    # A class, not a lambda, so DataLoader workers started with "spawn" can pickle it.
+    def __init__(self, num_answers: int) -> None:
+        self.num_answers = num_answers
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        return collate(samples, self.num_answers)
+
+
+def make_loader(
+    dataset: VQADataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader[Batch]:
+    """A DataLoader whose sample order depends only on (seed, epoch): the same pair gives the same batches."""
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1_000_003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=_Collate(dataset.num_answers),
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,227 @@
+"""`prepare`, the processed folder, VQADataset and collate, on hand-written official-format files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datafiles import write_adaptive_h5
+
+from isubg.data.dataset import VQADataset, collate, make_loader
+from isubg.data.inspect import inspect_processed
+from isubg.data.prepare import SplitFiles, discover_splits, prepare, read_manifest
+from isubg.errors import DataError
+
+GRAPHS = {
+    "101": {
+        "width": 640,
+        "height": 480,
+        "objects": {
+            "1": {"name": "dog", "x": 10, "y": 20, "w": 100, "h": 80, "attributes": ["brown", "small"],
+                  "relations": [{"name": "to the left of", "object": "2"}]},
+            "2": {"name": "tennis racket", "x": 300, "y": 200, "w": 50, "h": 120, "attributes": ["red"],
+                  "relations": []},
+        },
+    },
+    "102": {
+        "width": 500,
+        "height": 400,
+        "objects": {"7": {"name": "cat", "x": 0, "y": 0, "w": 250, "h": 200, "attributes": ["white"], "relations": []}},
+    },
+    "103": {"width": 320, "height": 240, "objects": {}},
+}  # fmt: skip
+
+QUESTIONS = {
+    "train": {
+        "q1": {"imageId": "101", "question": "Is the dog brown?", "answer": "yes",
+               "types": {"structural": "verify", "semantic": "attr", "detailed": "verifyAttr"}},
+        "q2": {"imageId": "101", "question": "What is the tennis racket to the right of?", "answer": "dog",
+               "types": {"structural": "query", "semantic": "rel", "detailed": "relS"}},
+        "q3": {"imageId": "102", "question": "What color is the cat?", "answer": "white",
+               "types": {"structural": "query", "semantic": "attr", "detailed": "queryAttr"}},
+    },
+    "val": {
+        "q4": {"imageId": "103", "question": "Is there a dog?", "answer": "no",
+               "types": {"structural": "verify", "semantic": "obj", "detailed": "exist"}},
+        "q5": {"imageId": "102", "question": "Is the cat black?", "answer": "maybe",
+               "types": {"structural": "verify", "semantic": "attr", "detailed": "verifyAttr"}},
+    },
+}  # fmt: skip
+
+
+def _gqa_raw(root: Path) -> Path:
+    raw = root / "gqa"
+    (raw / "questions").mkdir(parents=True)
+    (raw / "sceneGraphs").mkdir()
+    for split, questions in QUESTIONS.items():
+        (raw / "questions" / f"{split}_balanced_questions.json").write_text(json.dumps(questions))
+        graphs = {k: v for k, v in GRAPHS.items() if any(q["imageId"] == k for q in questions.values())}
+        (raw / "sceneGraphs" / f"{split}_sceneGraphs.json").write_text(json.dumps(graphs))
+    write_adaptive_h5(root / "feats.h5", {101: 12, 102: 30, 103: 60})
+    return raw
+
+
+@pytest.fixture
+def gqa(tmp_path: Path) -> Path:
+    raw = _gqa_raw(tmp_path)
+    out = tmp_path / "processed"
+    prepare("gqa", discover_splits("gqa", raw, ["train", "val"]), tmp_path / "feats.h5", out)
+    return out
+
+
+def test_prepare_gqa_writes_the_processed_folder(gqa: Path) -> None:
+    manifest = read_manifest(gqa)
+    assert manifest["splits"] == {"train": {"questions": 3, "images": 2}, "val": {"questions": 2, "images": 2}}
+    assert manifest["unanswerable"] == {"train": 0, "val": 2}  # "no" and "maybe" are not training answers
+    for name in ("dictionary.json", "answers.json", "graph_vocab.json", "graphs.json", "stat_words.json", "tfidf.npz"):
+        assert name in manifest["files"]
+    answers = json.loads((gqa / "answers.json").read_text())["answers"]
+    assert sorted(answers) == ["dog", "white", "yes"]
+    records = json.loads((gqa / "questions_train.json").read_text())
+    racket = records[1]
+    assert racket["answer"] == "dog" and racket["labels"] == [answers.index("dog")] and racket["scores"] == [1.0]
+    # "tennis racket" is a two-word object name: both tokens are entity words; "dog" too.
+    words = ["what", "is", "the", "tennis", "racket", "to", "the", "right", "of"]
+    assert [w for w, e in zip(words, racket["entity"], strict=True) if e] == ["tennis", "racket"]
+    graphs = json.loads((gqa / "graphs.json").read_text())
+    assert set(graphs) == {"101", "102", "103"}
+
+
+def test_dataset_and_collate(gqa: Path) -> None:
+    data = VQADataset(gqa, "train", question_len=6, max_boxes=20, num_stat_word=4)
+    assert len(data) == 3 and data.num_answers == 3 and data.feature_dim == 8
+    batch = collate([data[0], data[2]], data.num_answers)
+    assert batch.q_tokens.shape == (2, 6) and batch.q_tokens.dtype == torch.int64
+    assert batch.features.shape == (2, 20, 8)  # 12 and 30 boxes, 30 cut to max_boxes = 20
+    assert batch.box_mask.sum(1).tolist() == [12, 20]
+    assert not batch.features[0, 12:].any()  # padding is zero and masked
+    assert batch.q_mask[0].tolist() == [True, True, True, True, False, False]  # "is the dog brown"
+    assert batch.targets is not None and batch.targets.shape == (2, 3) and batch.targets.sum().item() == 2.0
+    assert batch.graphs.num_graphs == 2 and batch.graphs.x.shape[1] == 4
+    assert batch.stat_tokens.shape == (2, 4) and batch.stat_mask.dtype == torch.bool
+    assert batch.question_types == ["verify", "query"] and batch.image_ids == ["101", "102"]
+    moved = batch.to("cpu")
+    assert moved.features.data_ptr() == batch.features.data_ptr()
+
+
+def test_loader_order_depends_only_on_seed_and_epoch(gqa: Path) -> None:
+    data = VQADataset(gqa, "train", question_len=6, max_boxes=20, num_stat_word=4)
+
+    def order(seed: int, epoch: int) -> list[str]:
+        loader = make_loader(data, 1, shuffle=True, seed=seed, epoch=epoch)
+        return [qid for batch in loader for qid in batch.question_ids]
+
+    assert order(1, 0) == order(1, 0)
+    assert sorted(order(1, 0)) == ["q1", "q2", "q3"]
+    assert len({tuple(order(s, e)) for s in range(4) for e in range(3)}) > 1
+
+
+def test_val_split_without_training_answers_keeps_them_out(gqa: Path) -> None:
+    data = VQADataset(gqa, "val", question_len=6, max_boxes=50, num_stat_word=4)
+    targets = collate([data[0], data[1]], data.num_answers).targets
+    assert targets is not None and targets[1].sum() == 0  # "maybe": no label, never label 0
+
+
+def test_missing_scene_graph_names_file_image_and_question(tmp_path: Path) -> None:
+    raw = _gqa_raw(tmp_path)
+    path = raw / "sceneGraphs" / "val_sceneGraphs.json"
+    graphs = json.loads(path.read_text())
+    del graphs["103"]
+    path.write_text(json.dumps(graphs))
+    with pytest.raises(DataError, match=r"val_sceneGraphs\.json: no scene graph for image 103 \(question q4 of val\)"):
+        prepare("gqa", discover_splits("gqa", raw, ["train", "val"]), tmp_path / "feats.h5", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_missing_from_the_features(tmp_path: Path) -> None:
+    raw = _gqa_raw(tmp_path)
+    write_adaptive_h5(tmp_path / "few.h5", {101: 5, 102: 5})
+    with pytest.raises(DataError, match=r"few\.h5: 1 image\(s\) of split val have no features, e.g. image 103"):
+        prepare("gqa", discover_splits("gqa", raw, ["train", "val"]), tmp_path / "few.h5", tmp_path / "out")
+
+
+def test_a_failed_prepare_keeps_the_previous_folder(gqa: Path, tmp_path: Path) -> None:
+    before = (gqa / "manifest.json").read_text()
+    bad = tmp_path / "bad_questions.json"
+    bad.write_text("{}")
+    with pytest.raises(DataError, match="holds no questions"):
+        prepare("gqa", {"train": SplitFiles(bad, scene_graphs=bad)}, tmp_path / "feats.h5", gqa)
+    assert (gqa / "manifest.json").read_text() == before
+
+
+def test_discover_reports_what_it_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"train_balanced_questions\.json"):
+        discover_splits("gqa", tmp_path, ["train"])
+    with pytest.raises(DataError, match=r"v2_OpenEnded_mscoco_val2014_questions\.json"):
+        discover_splits("vqa", tmp_path, ["val"])
+
+
+def _vqa_raw(root: Path) -> Path:
+    raw = root / "vqa"
+    raw.mkdir()
+    humans = {
+        1: ["2", "two", "2", "2", "3", "2", "2", "2", "2", "2"],
+        2: ["red"] * 3 + ["Red"] * 2 + ["maroon"] * 5,
+        3: ["yes"] * 10,
+    }
+    mc = {1: "2", 2: "red", 3: "yes"}
+    images = {1: 11, 2: 11, 3: 12}
+    qs = [{"image_id": images[q], "question": t, "question_id": q}
+          for q, t in ((1, "How many dogs?"), (2, "What color is the bus?"), (3, "Is it sunny?"))]  # fmt: skip
+    notes = [
+        {"question_type": "how many", "multiple_choice_answer": mc[q], "image_id": images[q], "question_id": q,
+         "answer_type": "number" if q == 1 else "other",
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(humans[q])]}
+        for q in humans
+    ]  # fmt: skip
+    (raw / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps({"questions": qs}))
+    (raw / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": notes}))
+    write_adaptive_h5(root / "vqa.h5", {11: 15, 12: 10})
+    import h5py
+
+    with h5py.File(root / "vqa.h5", "a") as f:
+        f.create_dataset("objects_id", data=np.arange(25, dtype=np.int64) % 3)
+    (root / "objects_vocab.txt").write_text("dog,doggy\nbus\ntree\n")
+    return raw
+
+
+def test_prepare_vqa_builds_spatial_graphs_with_detector_names(tmp_path: Path) -> None:
+    raw = _vqa_raw(tmp_path)
+    out = tmp_path / "vqa_processed"
+    report = prepare(
+        "vqa", discover_splits("vqa", raw, ["train"]), tmp_path / "vqa.h5", out,
+        min_answer_count=1, object_vocab=tmp_path / "objects_vocab.txt",
+    )  # fmt: skip
+    assert report.splits["train"] == {"questions": 3, "images": 2}
+    records = {r["question_id"]: r for r in json.loads((out / "questions_train.json").read_text())}
+    answers = json.loads((out / "answers.json").read_text())["answers"]
+    # Official soft scores over normalised human answers: "two" counts as "2" (10 of 10 -> 1.0).
+    two = records["1"]
+    assert dict(zip((answers[i] for i in two["labels"]), two["scores"], strict=True))["2"] == 1.0
+    graph = json.loads((out / "graphs.json").read_text())["11"]
+    assert set(graph["names"]) == {"dog", "bus", "tree"}
+    assert len(graph["names"]) == 15 and graph["relations"]
+    data = VQADataset(out, "train", question_len=8, max_boxes=50, num_stat_word=5)
+    assert collate([data[i] for i in range(3)], data.num_answers).graphs.num_graphs == 3
+
+
+def test_inspect_processed_passes_and_catches_tampering(gqa: Path) -> None:
+    report = inspect_processed(gqa)
+    assert report.problems == [], report.problems
+    assert "majority" in report.summary["split train"]
+    records = json.loads((gqa / "questions_val.json").read_text())
+    records[0]["tokens"].append(10_000)
+    (gqa / "questions_val.json").write_text(json.dumps(records))
+    problems = inspect_processed(gqa).problems
+    assert any("checksum differs" in p for p in problems)
+    assert any("word ids outside the dictionary" in p for p in problems)
+
+
+def test_dataset_errors(gqa: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no split 'test'"):
+        VQADataset(gqa, "test", question_len=4, max_boxes=4, num_stat_word=2)
+    with pytest.raises(DataError, match="not a processed data folder"):
+        VQADataset(tmp_path, "train", question_len=4, max_boxes=4, num_stat_word=2)
