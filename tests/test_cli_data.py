@@ -70,3 +70,25 @@ def test_inspect_lists_problems_and_exits_1(runner: CliRunner, tmp_path: Path) -
 def test_inspect_missing_path_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "inspect", str(tmp_path / "none.h5")])
     assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_prepare_through_the_cli(runner: CliRunner, tmp_path: Path) -> None:
+    from test_prepare import _gqa_raw
+
+    raw = _gqa_raw(tmp_path)
+    out = tmp_path / "processed"
+    args = ["data", "prepare", "gqa", str(raw), "--features", str(tmp_path / "feats.h5"), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--splits", "train,val"])
+    assert result.exit_code == 0, result.output
+    assert "train: 3 questions, 2 images" in result.output
+    again = runner.invoke(app, [*args, "--splits", "train,val"])
+    assert again.exit_code == 2 and "--force" in again.output
+    missing = runner.invoke(app, [*args, "--splits", "train,testdev", "--force"])
+    assert missing.exit_code == 2 and "testdev_balanced_questions.json" in missing.output
+    inspected = runner.invoke(app, ["data", "inspect", str(out)])
+    assert inspected.exit_code == 0 and "No problems found" in inspected.output
+
+
+def test_prepare_rejects_an_unknown_dataset(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "prepare", "coco", str(tmp_path), "--features", "f.h5", "-o", "out"])
+    assert result.exit_code == 2 and "gqa or vqa" in result.output
