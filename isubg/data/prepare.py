@@ -64,7 +64,7 @@ class PrepareReport:
     seconds: float = 0.0
 
 
-def _load_questions(dataset: str, name: str, files: SplitFiles) -> list[Question]:
+def _load_questions(dataset: str, files: SplitFiles) -> list[Question]:
     if dataset == "gqa":
         return load_gqa_questions(files.questions)
     return load_vqa_questions(files.questions, files.annotations)
@@ -229,7 +229,7 @@ def prepare(
     if train_split not in splits:
         raise DataError(f"the training split '{train_split}' is not among the given splits {sorted(splits)}")
     log("reading questions")
-    questions = {name: _load_questions(dataset, name, files) for name, files in splits.items()}
+    questions = {name: _load_questions(dataset, files) for name, files in splits.items()}
     store = FeatureStore(features)
     _check_features(store, questions)
     log("building scene graphs")
