@@ -35,6 +35,7 @@ LAYERS = {
     "isubg.data.prepare": 4,
     "isubg.data.dataset": 5,
     "isubg.data.demo": 5,
+    "isubg.data.embedded": 6,
     "isubg.cli": 9,
     "isubg.__main__": 10,
 }

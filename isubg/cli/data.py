@@ -72,6 +72,38 @@ def convert_features(
 
 
 @app.command()
+def demo(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write it; default: the isubg cache folder.")
+    ] = None,
+    size: Annotated[str, typer.Option(help="tiny, small or medium.")] = "small",
+    seed: Annotated[int, typer.Option(help="The world, features and questions depend only on size and seed.")] = 0,
+) -> None:
+    """Generate the embedded demo dataset (GQA and VQA v2 formats, TSV and HDF5 features) and prepare it.
+
+    A synthetic world of objects with names, colours, materials and sizes; box features encode them
+    with noise, so a model can learn the questions from the features or from the scene graphs.
+    """
+    from isubg.data.embedded import build_demo, demo_dir
+
+    with user_errors():
+        if size not in ("tiny", "small", "medium"):
+            raise ConfigError(f"--size must be tiny, small or medium, got {size!r}")
+        out = output or demo_dir(size, seed)  # type: ignore[arg-type]
+        with err_console().status("generating") as status:
+            build = build_demo(out, size=size, seed=seed, progress=lambda m: status.update(m))  # type: ignore[arg-type]
+    console = out_console()
+    generated = build.generated
+    assert generated is not None
+    console.print(f"Demo dataset ({size}, seed {seed}) in {out}, generated in {generated.seconds:.1f} s:")
+    for split, count in generated.questions.items():
+        console.print(f"  {split}: {generated.images[split]} images, {count} questions")
+    for dataset, report in build.prepared.items():
+        console.print(f"  processed {dataset}: {build.processed(dataset)} ({report.answers} answers)")
+    console.print(f"Check it with: isubg data inspect {build.processed('gqa')}")
+
+
+@app.command()
 def prepare(
     dataset: Annotated[str, typer.Argument(help="gqa or vqa.", metavar="gqa|vqa")],
     raw: Annotated[Path, typer.Argument(help="Folder holding the official question/annotation/scene-graph files.")],

@@ -1,0 +1,62 @@
+"""The embedded demo dataset end to end: generate, prepare as GQA and VQA, inspect, load, cache reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from isubg.cli import app
+from isubg.data.dataset import VQADataset, collate
+from isubg.data.embedded import demo_dir, ensure_demo
+from isubg.data.inspect import inspect_processed
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "tiny"
+    result = CliRunner().invoke(app, ["data", "demo", "--size", "tiny", "--seed", "3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("dataset", ["gqa", "vqa"])
+def test_demo_prepares_and_inspects_clean(demo: Path, dataset: str) -> None:
+    report = inspect_processed(demo / "processed" / dataset)
+    assert report.problems == []
+    assert set(json.loads((demo / "processed" / dataset / "manifest.json").read_text())["splits"]) == {
+        "train", "val", "testdev",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("dataset", ["gqa", "vqa"])
+def test_demo_batches(demo: Path, dataset: str) -> None:
+    data = VQADataset(demo / "processed" / dataset, "train", question_len=12, max_boxes=36, num_stat_word=10)
+    batch = collate([data[i] for i in range(8)], data.num_answers)
+    assert batch.features.shape[0] == 8 and batch.features.shape[2] == 128
+    assert batch.targets is not None and (batch.targets.max(1).values > 0).all()
+    assert batch.graphs.num_graphs == 8 and batch.entity_mask.any()
+
+
+def test_demo_inspect_cli(demo: Path) -> None:
+    result = CliRunner().invoke(app, ["data", "inspect", str(demo / "processed" / "vqa"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"]
+
+
+def test_ensure_demo_builds_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISUBG_CACHE_DIR", str(tmp_path / "cache"))
+    assert demo_dir("tiny", 1) == tmp_path / "cache" / "demo" / "tiny-seed1"
+    first = ensure_demo("tiny", 1)
+    assert first.generated is not None and first.processed("gqa").exists()
+    stamp = (first.processed("gqa") / "manifest.json").stat().st_mtime_ns
+    again = ensure_demo("tiny", 1)
+    assert again.generated is None  # reused, not rebuilt
+    assert (again.processed("gqa") / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_rejects_an_unknown_size() -> None:
+    result = CliRunner().invoke(app, ["data", "demo", "--size", "huge", "-o", "x"])
+    assert result.exit_code == 2 and "tiny, small or medium" in result.output
