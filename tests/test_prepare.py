@@ -225,3 +225,20 @@ def test_dataset_errors(gqa: Path, tmp_path: Path) -> None:
         VQADataset(gqa, "test", question_len=4, max_boxes=4, num_stat_word=2)
     with pytest.raises(DataError, match="not a processed data folder"):
         VQADataset(tmp_path, "train", question_len=4, max_boxes=4, num_stat_word=2)
+
+
+def test_prepare_with_glove_stores_the_dictionary_rows(tmp_path: Path) -> None:
+    raw = _gqa_raw(tmp_path)
+    glove = tmp_path / "glove.6B.4d.txt"
+    glove.write_text("the 0.1 0.2 0.3 0.4\ndog 1 2 3 4\nunrelated 9 9 9 9\n")
+    out = tmp_path / "p"
+    prepare("gqa", discover_splits("gqa", raw, ["train"]), tmp_path / "feats.h5", out, glove=glove)
+    from isubg.data.text import Dictionary
+
+    words = Dictionary.load(out / "dictionary.json")
+    stored = np.load(out / "glove.npz")
+    assert stored["vectors"].shape == (len(words), 4) and int(stored["found"]) == 2
+    np.testing.assert_allclose(stored["vectors"][words.word_to_id("dog")], [1, 2, 3, 4])
+    assert not stored["vectors"][0].any()  # <pad>
+    tfidf = np.load(out / "tfidf.npz")
+    assert tuple(tfidf["shape"]) == (len(words), len(words)) and len(tfidf["rows"]) == len(tfidf["values"])
