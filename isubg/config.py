@@ -118,9 +118,6 @@ class DataConfig(_Section):
         None, "Processed data folder written by `isubg data prepare`; unset: the embedded demo dataset."
     )
     features: Path | None = _p(None, "HDF5 box-feature file; unset: the file named in the processed folder's manifest.")
-    glove: Path | None = _p(
-        None, "Local glove.6B.300d.txt used to initialise word embeddings; unset: random initialisation."
-    )
     image_root: Path | None = _p(
         None, "Image folder for the X-VLM Swin/ViT encoder (model.xvlm.vision); unset: region features only."
     )
@@ -138,7 +135,6 @@ class DataConfig(_Section):
         30, "Number of statistical (image label) words per image.", advice=_range(20, 50), seed=True, ge=1
     )
     tfidf: bool = _p(True, "Concatenate a tf-idf weighted word embedding.", advice=_note("keep true"), seed=True)
-    min_answer_count: Int = _p(9, "VQA: keep answers given at least this many times in the training annotations.", ge=1)
     num_workers: Int = _p(2, "DataLoader worker processes (0 loads in the main process).", ge=0)
     in_memory: bool = _p(False, "Read the whole feature file into RAM instead of lazily from disk.")
 
