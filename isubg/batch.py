@@ -13,7 +13,30 @@ from typing import Any
 import torch
 from torch_geometric.data import Batch as GraphBatch
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "DataSpec"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about its data before seeing a batch (sizes and optional embeddings).
+
+    Attributes:
+        num_words: question dictionary size (ids 0 = <pad>, 1 = <unk>).
+        num_answers: answer vocabulary size A.
+        num_graph_tokens: scene-graph token vocabulary size (node names, attributes, relations).
+        feature_dim: box feature width D.
+        max_attributes: attribute slots per graph node (x has 1 + max_attributes columns).
+        glove: (num_words, 300) float32 GloVe rows from the processed folder, or None.
+        tfidf: the tf-idf weights as (rows, cols, values, shape) numpy arrays, or None.
+    """
+
+    num_words: int
+    num_answers: int
+    num_graph_tokens: int
+    feature_dim: int
+    max_attributes: int = 3
+    glove: Any = None
+    tfidf: Any = None
 
 
 @dataclass

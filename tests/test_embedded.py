@@ -38,6 +38,10 @@ def test_demo_batches(demo: Path, dataset: str) -> None:
     assert batch.features.shape[0] == 8 and batch.features.shape[2] == 128
     assert batch.targets is not None and (batch.targets.max(1).values > 0).all()
     assert batch.graphs.num_graphs == 8 and batch.entity_mask.any()
+    spec = data.spec()
+    assert spec.num_answers == data.num_answers and spec.feature_dim == 128 and spec.glove is None
+    assert spec.tfidf is not None and spec.tfidf[3] == (spec.num_words, spec.num_words)
+    assert int(batch.q_tokens.max()) < spec.num_words and int(batch.graphs.x.max()) < spec.num_graph_tokens
 
 
 def test_demo_inspect_cli(demo: Path) -> None:

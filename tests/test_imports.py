@@ -36,6 +36,12 @@ LAYERS = {
     "isubg.data.dataset": 5,
     "isubg.data.demo": 5,
     "isubg.data.embedded": 6,
+    "isubg.models": 3,
+    "isubg.models.common": 3,
+    "isubg.models.cfrf": 4,
+    "isubg.models.isubg": 4,
+    "isubg.models.xvlm": 4,
+    "isubg.models.fusion": 5,
     "isubg.cli": 9,
     "isubg.__main__": 10,
 }

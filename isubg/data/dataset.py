@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 from torch_geometric.data import Batch as GraphBatch
 from torch_geometric.data import Data
 
-from isubg.batch import Batch
+from isubg.batch import Batch, DataSpec
 from isubg.data.answers import AnswerVocab
 from isubg.data.features import FeatureStore
 from isubg.data.files import read_json
 from isubg.data.prepare import read_manifest
 from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
+from isubg.data.text import Dictionary
 from isubg.errors import DataError
 
 __all__ = ["Sample", "VQADataset", "collate", "make_loader"]
@@ -103,6 +104,24 @@ class VQADataset(Dataset[Sample]):
             path = self.folder / path
         self.features = FeatureStore(path, max_boxes=max_boxes, in_memory=in_memory)
         self.has_targets = self.records[0]["labels"] is not None
+
+    def spec(self) -> DataSpec:
+        """Sizes and embeddings a model is built for (GloVe rows only when prepare was given GloVe)."""
+        glove_path, tfidf_path = self.folder / "glove.npz", self.folder / "tfidf.npz"
+        glove = np.load(glove_path)["vectors"] if glove_path.exists() else None
+        tfidf = None
+        if tfidf_path.exists():
+            with np.load(tfidf_path) as stored:
+                tfidf = (stored["rows"], stored["cols"], stored["values"], tuple(int(v) for v in stored["shape"]))
+        return DataSpec(
+            num_words=len(Dictionary.load(self.folder / "dictionary.json")),
+            num_answers=self.num_answers,
+            num_graph_tokens=len(self.graph_vocab),
+            feature_dim=self.feature_dim,
+            max_attributes=MAX_ATTRIBUTES,
+            glove=glove,
+            tfidf=tfidf,
+        )
 
     @property
     def num_answers(self) -> int:
