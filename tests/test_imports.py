@@ -36,7 +36,7 @@ LAYERS = {
     "isubg.data.dataset": 5,
     "isubg.data.demo": 5,
     "isubg.data.embedded": 6,
-    "isubg.models": 3,
+    "isubg.models": 6,
     "isubg.models.common": 3,
     "isubg.models.cfrf": 4,
     "isubg.models.isubg": 4,

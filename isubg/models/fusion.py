@@ -1,0 +1,107 @@
+"""The multi-branch model: run the configured branches and fuse their answer probabilities per answer.
+
+Fusion (after MGHR, corrected): each branch k gives logits l_k (B, A) and probabilities p_k = sigmoid(l_k),
+the natural probabilities of a BCE-with-logits branch. A learnable `adapted_w` of shape (branches, A) is
+softmaxed over the branches separately for every answer, W = softmax(adapted_w, dim=0), and the fused
+probability is P[b, a] = sum_k W[k, a] p_k[b, a], in [0, 1]. With all three branches `adapted_w` is
+(3, A) as in the reference; with a subset it has one row per branch present, so no parameter is dead.
+
+Loss = sum over branches of BCE-with-logits(l_k, targets) (+ a branch's own auxiliary loss, such as the
+xvlm candidate loss) + fusion_ratio x BCE(P, targets). Nothing is detached: the fused loss reaches every
+branch (the reference detached X-VLM). With a single branch there is nothing to fuse, so the fused term
+is left out and `fusion_ratio` has no effect (the config warns about that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from isubg.batch import Batch
+from isubg.models.common import BranchOutput
+
+__all__ = ["FusedModel", "FusedOutput"]
+
+_EPS = 1e-6  # keeps BCE on probabilities finite when a fused probability saturates
+
+
+@dataclass
+class FusedOutput:
+    """Everything a forward pass produced.
+
+    Attributes:
+        branches: branch name -> its BranchOutput (logits (B, A), optional node_mask (N,)).
+        fused: (B, A) fused probabilities in [0, 1].
+    """
+
+    branches: dict[str, BranchOutput]
+    fused: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def probabilities(self) -> dict[str, torch.Tensor]:
+        """Branch name -> (B, A) sigmoid probabilities, plus "fused"."""
+        out = {name: torch.sigmoid(o.logits) for name, o in self.branches.items()}
+        out["fused"] = self.fused
+        return out
+
+    @property
+    def node_mask(self) -> torch.Tensor | None:
+        """(N,) the isubg branch's selected-node mask (the explanation), when that branch runs."""
+        isubg = self.branches.get("isubg")
+        return None if isubg is None else isubg.node_mask
+
+
+class FusedModel(nn.Module):
+    """Runs `branches` on a Batch and fuses them (see the module docstring).
+
+    Args:
+        branches: branch name -> module with `forward(batch) -> BranchOutput`; order is kept.
+        num_answers: A.
+        fusion_ratio: weight of the fused-probability loss.
+    """
+
+    def __init__(self, branches: dict[str, nn.Module], num_answers: int, fusion_ratio: float) -> None:
+        super().__init__()
+        if not branches:
+            raise ValueError("at least one branch is needed")
+        self.branches = nn.ModuleDict(branches)
+        self.fusion_ratio = fusion_ratio
+        # Ones, as in the reference: every branch starts with weight 1/K for every answer.
+        self.adapted_w = nn.Parameter(torch.ones(len(branches), num_answers))
+
+    def forward(self, batch: Batch) -> FusedOutput:
+        """Run every branch and fuse.
+
+        Shapes:
+            batch: a Batch of B questions -> FusedOutput with (B, A) logits per branch and (B, A) fused.
+        """
+        outputs = {name: branch(batch) for name, branch in self.branches.items()}
+        probs = torch.stack([torch.sigmoid(o.logits) for o in outputs.values()])  # (K, B, A)
+        weights = torch.softmax(self.adapted_w, dim=0).unsqueeze(1)  # (K, 1, A)
+        return FusedOutput(branches=outputs, fused=(weights * probs).sum(0))
+
+    def loss(self, output: FusedOutput, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss and its parts (each already weighted), named by branch and "fused".
+
+        Branch BCE terms are summed over answers and averaged over the batch, the BAN convention, so
+        the loss scale does not depend on the answer-vocabulary size.
+
+        Shapes:
+            targets: (B, A) soft scores in [0, 1] -> a scalar loss.
+        """
+        parts: dict[str, torch.Tensor] = {}
+        batch = targets.shape[0]
+        targets = targets.float()  # losses in float32 even under autocast: BCE is not safe in half precision
+        for name, out in output.branches.items():
+            logits = out.logits.float()
+            parts[name] = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / batch
+            extra = getattr(self.branches[name], "candidate_loss", None)
+            if extra is not None:
+                parts[f"{name}_candidates"] = extra(logits, targets)
+        if len(output.branches) > 1:
+            fused = output.fused.float().clamp(_EPS, 1 - _EPS)
+            parts["fused"] = self.fusion_ratio * F.binary_cross_entropy(fused, targets, reduction="sum") / batch
+        return torch.stack(list(parts.values())).sum(), parts

@@ -1,0 +1,98 @@
+"""FusedModel: per-answer softmax over branches, the loss and its parts, gradients to every branch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from isubg.models.common import BranchOutput
+from isubg.models.fusion import FusedModel
+
+
+class Toy(nn.Module):
+    """A stand-in branch: a linear map of the mean box feature."""
+
+    def __init__(self, dim: int, answers: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.head = nn.Linear(dim, answers)
+
+    def forward(self, batch: object) -> BranchOutput:
+        return BranchOutput(logits=self.head(batch.features.mean(1)))  # type: ignore[attr-defined]
+
+
+class WithCandidates(Toy):
+    def candidate_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return logits.square().mean()
+
+
+class FakeBatch:
+    def __init__(self, b: int = 3, k: int = 5, d: int = 4) -> None:
+        torch.manual_seed(0)
+        self.features = torch.randn(b, k, d)
+
+
+def _model(names: tuple[str, ...] = ("cfrf", "isubg", "xvlm"), ratio: float = 0.1, answers: int = 6) -> FusedModel:
+    return FusedModel({n: Toy(4, answers, i) for i, n in enumerate(names)}, answers, ratio)
+
+
+def test_initial_fusion_is_the_mean_probability() -> None:
+    model, batch = _model(), FakeBatch()
+    out = model(batch)
+    mean = torch.stack([torch.sigmoid(o.logits) for o in out.branches.values()]).mean(0)
+    torch.testing.assert_close(out.fused, mean)
+    assert model.adapted_w.shape == (3, 6)
+
+
+def test_weights_are_a_softmax_over_branches_per_answer() -> None:
+    model, batch = _model(answers=2), FakeBatch()
+    with torch.no_grad():
+        model.adapted_w.copy_(torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]]))
+    out = model(batch)
+    p = [torch.sigmoid(o.logits) for o in out.branches.values()]
+    w0 = torch.softmax(torch.tensor([0.0, 1.0, 0.0]), 0)  # answer 0
+    w1 = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0)  # answer 1
+    torch.testing.assert_close(out.fused[:, 0], sum(w0[k] * p[k][:, 0] for k in range(3)))
+    torch.testing.assert_close(out.fused[:, 1], sum(w1[k] * p[k][:, 1] for k in range(3)))
+
+
+def test_loss_parts_and_fusion_ratio() -> None:
+    batch, targets = FakeBatch(), torch.tensor([[1.0, 0, 0, 0, 0, 0.3], [0, 0.6, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    model = _model(ratio=0.1)
+    out = model(batch)
+    total, parts = model.loss(out, targets)
+    assert set(parts) == {"cfrf", "isubg", "xvlm", "fused"}
+    torch.testing.assert_close(total, sum(parts.values()))
+    expected = nn.functional.binary_cross_entropy_with_logits(out.branches["cfrf"].logits, targets, reduction="sum")
+    torch.testing.assert_close(parts["cfrf"], expected / 3)
+    model.fusion_ratio = 0.2
+    _, doubled = model.loss(out, targets)
+    torch.testing.assert_close(doubled["fused"], 2 * parts["fused"])
+
+
+def test_single_branch_has_no_fused_term() -> None:
+    model = _model(("isubg",))
+    _, parts = model.loss(model(FakeBatch()), torch.zeros(3, 6))
+    assert set(parts) == {"isubg"} and model.adapted_w.shape == (1, 6)
+
+
+def test_the_fused_loss_reaches_every_branch_and_the_weights() -> None:
+    model = _model(ratio=1.0)
+    out = model(FakeBatch())
+    _, parts = model.loss(out, torch.rand(3, 6))
+    parts["fused"].backward()
+    for name, branch in model.branches.items():
+        assert branch.head.weight.grad is not None and branch.head.weight.grad.abs().sum() > 0, name
+    assert model.adapted_w.grad is not None and model.adapted_w.grad.abs().sum() > 0
+
+
+def test_a_branch_candidate_loss_is_added() -> None:
+    model = FusedModel({"cfrf": Toy(4, 6, 0), "xvlm": WithCandidates(4, 6, 1)}, 6, 0.1)
+    _, parts = model.loss(model(FakeBatch()), torch.zeros(3, 6))
+    assert "xvlm_candidates" in parts and parts["xvlm_candidates"] > 0
+
+
+def test_empty_branch_set_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one branch"):
+        FusedModel({}, 4, 0.1)
