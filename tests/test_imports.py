@@ -34,6 +34,7 @@ LAYERS = {
     "isubg.data.inspect": 5,
     "isubg.data.prepare": 4,
     "isubg.data.dataset": 5,
+    "isubg.data.synthetic": 3,
     "isubg.data.demo": 5,
     "isubg.data.embedded": 6,
     "isubg.models": 6,
