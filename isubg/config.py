@@ -516,6 +516,11 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
         rules += [("model.isubg.alpha", reason), ("model.isubg.beta", reason)]
     if len(branches) == 1:
         rules.append(("model.fusion.fusion_ratio", "fusion needs at least two branches"))
+    # Image input is not part of the Batch yet: until it is, these only record intent.
+    rules += [
+        ("model.xvlm.xvlm_config", "reading X-VLM settings files is not implemented yet; set model.xvlm.* directly"),
+        ("model.xvlm.image_res", "image input (vision swin/vit) is not implemented yet"),
+    ]
     return rules
 
 
