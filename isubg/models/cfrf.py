@@ -62,6 +62,7 @@ from torch.utils.checkpoint import checkpoint
 
 from isubg.batch import Batch, DataSpec
 from isubg.config import RunConfig
+from isubg.errors import DataError
 from isubg.models.common import BranchOutput, Classifier, masked_softmax
 
 __all__ = ["CfrfBranch", "build"]
@@ -540,12 +541,12 @@ def build(cfg: RunConfig, spec: DataSpec) -> CfrfBranch:
     """The cfrf branch for a run configuration and its data.
 
     Raises:
-        ValueError: data.tfidf is on but the data has no tf-idf matrix, or spec.glove / spec.tfidf have
-            the wrong shape.
+        DataError: data.tfidf is on but the processed data has no tf-idf matrix.
+        ValueError: spec.glove / spec.tfidf have the wrong shape (a corrupted processed folder).
     """
     c = cfg.model.cfrf
     if cfg.data.tfidf and spec.tfidf is None:
-        raise ValueError(
+        raise DataError(
             "data.tfidf is true but the processed data has no tf-idf matrix (tfidf.npz); "
             "run `isubg data prepare` again or set data.tfidf=false"
         )
