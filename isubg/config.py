@@ -159,10 +159,18 @@ class CfrfConfig(_Section):
     )
     dropout: Float = _p(0.45, "Classifier dropout rate.", advice=_range(0.3, 0.6), seed=True, ge=0.0, lt=1.0)
     omega_q: Float = _p(
-        0.1, "Weight of question-instruction (entity) fusion.", advice=_range(0.05, 0.2), seed=True, ge=0.0
+        0.1,
+        "Weight of question-instruction (entity) fusion; 0 switches it off.",
+        advice=_range(0.05, 0.2),
+        seed=True,
+        ge=0.0,
     )
     omega_v: Float = _p(
-        0.01, "Weight of image-semantics (stat-word/box) fusion.", advice=_range(0.005, 0.05), seed=True, ge=0.0
+        0.01,
+        "Weight of image-semantics (stat-word/box) fusion; 0 switches it off.",
+        advice=_range(0.005, 0.05),
+        seed=True,
+        ge=0.0,
     )
 
 

@@ -160,7 +160,19 @@ def test_more_padding_changes_nothing() -> None:
 def test_a_fusion_without_context_words_changes_nothing(setting: str, mask: str) -> None:
     batch = _batch()
     batch = dataclasses.replace(batch, **{mask: torch.zeros_like(getattr(batch, mask))})
-    torch.testing.assert_close(_logits(_model(**{setting: 0.5}), batch), _logits(_model(**{setting: 0.0}), batch))
+    with_fusion, without = _model(**{setting: 0.5}), _model(**{setting: 0.0})
+    # omega = 0 does not build the fusion; give the rest of the model the same weights.
+    without.load_state_dict(with_fusion.state_dict(), strict=False)
+    torch.testing.assert_close(_logits(with_fusion, batch), _logits(without, batch))
+
+
+@pytest.mark.parametrize("setting", ["omega_q", "omega_v"])
+def test_omega_zero_switches_the_fusion_off(setting: str) -> None:
+    batch = _batch()
+    on, off = _model(**{setting: 1e-9}), _model(**{setting: 0.0})
+    assert sum(p.numel() for p in off.parameters()) < sum(p.numel() for p in on.parameters())
+    off.load_state_dict(on.state_dict(), strict=False)
+    torch.testing.assert_close(_logits(on, batch), _logits(off, batch), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("efficient", [False, True])

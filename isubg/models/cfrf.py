@@ -505,9 +505,11 @@ class CfrfBranch(nn.Module):
         self.memory_efficient = memory_efficient
         self.words = _WordEmbedding(num_words, glove, tfidf)
         self.gru = nn.GRU(self.words.dim, num_hid, batch_first=True)
-        self.entity_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_q)
+        # A fusion weighted by 0 adds exactly nothing, so it is not built (no dead parameters, no wasted
+        # compute): omega = 0 switches that fusion off.
+        self.entity_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_q) if omega_q > 0 else None
         self.box_proj = nn.Sequential(nn.Linear(feature_dim + 6, num_hid), nn.ReLU())
-        self.stat_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_v)
+        self.stat_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_v) if omega_v > 0 else None
         self.aoa = _AoAStack(num_hid, aoa_layers)
         self.ban = _Ban(num_hid, gamma, counter_act if use_counter else None)
         self.classifier = Classifier(num_hid, 2 * num_hid, num_answers, activation, dropout)
@@ -528,9 +530,11 @@ class CfrfBranch(nn.Module):
         # Padding is at the end and the GRU runs forward, so real positions never read it; every later
         # step masks the padded positions, so packing the sequences would change nothing.
         q = self.gru(words)[0]
-        q = self.entity_fusion(q, q_mask, words, batch.entity_mask & q_mask, chunked)
+        if self.entity_fusion is not None:
+            q = self.entity_fusion(q, q_mask, words, batch.entity_mask & q_mask, chunked)
         v = self.box_proj(torch.cat([batch.features, batch.spatials], -1))
-        v = self.stat_fusion(v, box_mask, self.words(batch.stat_tokens), batch.stat_mask, chunked)
+        if self.stat_fusion is not None:
+            v = self.stat_fusion(v, box_mask, self.words(batch.stat_tokens), batch.stat_mask, chunked)
         q, v = self.aoa(q, q_mask, v, box_mask, chunked)
         q = self.ban(q, q_mask, v, box_mask, batch.spatials[..., :4], chunked)
         pooled = (q * q_mask[..., None].to(q.dtype)).sum(1)  # BAN sums the tokens; only real ones here
