@@ -96,3 +96,23 @@ def test_a_branch_candidate_loss_is_added() -> None:
 def test_empty_branch_set_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one branch"):
         FusedModel({}, 4, 0.1)
+
+
+def test_dropout_is_inverted_dropout() -> None:
+    from isubg.models.common import Dropout
+
+    drop = Dropout(0.25)
+    x = torch.ones(200_000)
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    drop.train()
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # drops about p of the entries
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))  # and rescales the rest
+    x.requires_grad_(True)
+    torch.manual_seed(0)
+    drop(x).sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # gradient flows through kept entries only, rescaled
+    assert torch.equal(Dropout(0.0).train()(x), x)

@@ -63,7 +63,7 @@ from torch.utils.checkpoint import checkpoint
 from isubg.batch import Batch, DataSpec
 from isubg.config import RunConfig
 from isubg.errors import DataError
-from isubg.models.common import BranchOutput, Classifier, masked_softmax
+from isubg.models.common import BranchOutput, Classifier, Dropout, masked_softmax
 
 __all__ = ["CfrfBranch", "build"]
 
@@ -88,7 +88,7 @@ def _heads(dim: int) -> int:
 
 def _fc(in_dim: int, out_dim: int, relu: bool = True) -> nn.Sequential:
     """ban-vqa's FCNet layer: dropout, then Linear, then (optionally) ReLU."""
-    layers: list[nn.Module] = [nn.Dropout(_FC_DROPOUT), nn.Linear(in_dim, out_dim)]
+    layers: list[nn.Module] = [Dropout(_FC_DROPOUT), nn.Linear(in_dim, out_dim)]
     if relu:
         layers.append(nn.ReLU())
     return nn.Sequential(*layers)
@@ -183,7 +183,7 @@ class _BilinearAttention(nn.Module):
         super().__init__()
         width = hid * rank
         self.x_net, self.y_net = _fc(x_dim, width), _fc(y_dim, width)
-        self.drop = nn.Dropout(_ATT_DROPOUT)
+        self.drop = Dropout(_ATT_DROPOUT)
         self.h_mat = nn.Parameter(torch.randn(glimpses, width) / math.sqrt(width))
         # A per-glimpse constant cannot change a softmax; it matters only where the raw logits are
         # read (the counter), so it exists only then and no parameter is left without gradient.
