@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +23,7 @@ from isubg.config import (
     param_specs,
 )
 from isubg.console import err_console, out_console, print_json, print_warnings
+from isubg.data.files import write_text_atomic
 from isubg.presets import list_presets, preset_purpose
 from isubg.resolve import Resolved, dump_config, resolve_config
 
@@ -37,8 +36,9 @@ def _json_config(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def _json_value(cfg: RunConfig, path: str) -> Any:
-    node: Any = _json_config(cfg)
+def _json_value(dumped: dict[str, Any], path: str) -> Any:
+    """The JSON value at a dotted path of a config dumped once with `_json_config`."""
+    node: Any = dumped
     for part in path.split("."):
         node = node[part]
     return node
@@ -72,9 +72,10 @@ def list_(json_output: JsonOpt = False) -> None:
                     "name": name,
                     "purpose": purpose,
                     "effective_batch": cfg.effective_batch,
-                    "changes": {p: _json_value(cfg, p) for p in changes},
+                    "changes": {p: _json_value(dumped, p) for p in changes},
                 }
                 for name, purpose, cfg, changes in rows
+                for dumped in [_json_config(cfg)]
             ]
         )
         return
@@ -97,14 +98,15 @@ def list_(json_output: JsonOpt = False) -> None:
 
 def _show_json(resolved: Resolved, name: str) -> dict[str, Any]:
     cfg = resolved.config
-    base = default_config()
+    dumped, base = _json_config(cfg), _json_config(default_config())
     warned = {w.path for w in resolved.warnings}
     params = {}
     for path, spec in param_specs().items():
+        value, default = _json_value(dumped, path), _json_value(base, path)
         params[path] = {
-            "value": _json_value(cfg, path),
-            "default": _json_value(base, path),
-            "changed": _json_value(cfg, path) != _json_value(base, path),
+            "value": value,
+            "default": default,
+            "changed": value != default,
             "advice": format_advice(spec.advice) or None,
             "allowed": spec.allowed(),
             "description": spec.description,
@@ -117,10 +119,10 @@ def _show_json(resolved: Resolved, name: str) -> dict[str, Any]:
         "preset": name,
         "purpose": preset_purpose(name),
         "effective_batch": cfg.effective_batch,
-        "seed_parameters": {s.name: _json_value(cfg, p) for p, s in param_specs().items() if s.seed},
+        "seed_parameters": {s.name: _json_value(dumped, p) for p, s in param_specs().items() if s.seed},
         "parameters": params,
         "warnings": [{"path": w.path, "message": w.message} for w in resolved.warnings],
-        "config": _json_config(cfg),
+        "config": dumped,
     }
 
 
@@ -198,13 +200,14 @@ def diff(a: NameArg, b: NameArg, json_output: JsonOpt = False) -> None:
         cfg_a, cfg_b = resolve_config(a).config, resolve_config(b).config
     rows = config_diff(cfg_a, cfg_b)
     if json_output:
+        dumped_a, dumped_b = _json_config(cfg_a), _json_config(cfg_b)
         print_json(
             {
                 "a": a,
                 "b": b,
                 "effective_batch": {"a": cfg_a.effective_batch, "b": cfg_b.effective_batch},
                 "differences": [
-                    {"path": p, "a": _json_value(cfg_a, p), "b": _json_value(cfg_b, p)} for p, _, _ in rows
+                    {"path": p, "a": _json_value(dumped_a, p), "b": _json_value(dumped_b, p)} for p, _, _ in rows
                 ],
             }
         )
@@ -225,19 +228,6 @@ def diff(a: NameArg, b: NameArg, json_output: JsonOpt = False) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # export
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write text so that a crash never leaves a half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command()
@@ -275,7 +265,7 @@ def export(
             if output.exists() and not force:
                 raise ConfigError(f"{output} exists; pass --force to overwrite it or choose another --output")
             try:
-                _write_atomic(output, text)
+                write_text_atomic(output, text)
             except OSError as exc:
                 raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from None
             out_console().print(f"Wrote {output} (effective batch {resolved.config.effective_batch}).")
