@@ -137,6 +137,12 @@ class DataConfig(_Section):
     tfidf: bool = _p(True, "Concatenate a tf-idf weighted word embedding.", advice=_note("keep true"), seed=True)
     num_workers: Int = _p(2, "DataLoader worker processes (0 loads in the main process).", ge=0)
     in_memory: bool = _p(False, "Read the whole feature file into RAM instead of lazily from disk.")
+    train_limit: Int | None = _p(
+        None, "Train on the first N questions of the train split only (quick runs); unset: all.", ge=1
+    )
+    val_limit: Int | None = _p(
+        None, "Validate on the first N questions of the validation split only; unset: all.", ge=1
+    )
 
 
 class CfrfConfig(_Section):
@@ -256,6 +262,15 @@ class TrainConfig(_Section):
     update_freq: Int = _p(4, "Optimizer step every N accumulated micro-batches.", advice=_range(2, 8), seed=True, ge=1)
     seed: Int = _p(1204, "Random seed; the same seed reproduces a run.", seed=True, ge=0)
     output: Path | None = _p(None, "Run directory; unset: runs/<date>-<time>-<preset>.", seed=True)
+    schedule: Literal["ban", "constant"] = _p(
+        "ban",
+        "Learning-rate schedule of the main (Adamax) optimizer: BAN warm-up/step decay scaled to epochs, or constant.",
+    )
+    patience: Int | None = _p(
+        None, "Early stopping: stop after this many epochs without a better validation accuracy; unset: never.", ge=1
+    )
+    device: str = _p("auto", "Device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    log_every: Int = _p(10, "Optimizer steps between metric lines in metrics.jsonl.", ge=1)
 
 
 class OptimConfig(_Section):
