@@ -269,7 +269,9 @@ class TrainConfig(_Section):
     patience: Int | None = _p(
         None, "Early stopping: stop after this many epochs without a better validation accuracy; unset: never.", ge=1
     )
-    device: str = _p("auto", "Device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = _p(
+        "auto", "Device: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.", pattern=r"^(auto|cpu|cuda(:\d+)?)$"
+    )
     log_every: Int = _p(10, "Optimizer steps between metric lines in metrics.jsonl.", ge=1)
 
 
