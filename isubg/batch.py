@@ -65,6 +65,9 @@ class Batch:
             `box` (N, 4) normalised boxes, `batch` (N,) graph index.
         targets: (B, A) float32 soft scores in [0, 1], or None for splits without answers.
         question_types: B question types for per-type metrics (GQA structural type, VQA answer type).
+        images: (B, 3, R, R) float32 image pixels for the X-VLM Swin/ViT encoder, R = model.xvlm.image_res,
+            resized and normalised with X-VLM's CLIP mean/std (isubg.data.images); None when the dataset has no
+            data.image_root.
     """
 
     question_ids: list[str]
@@ -81,12 +84,13 @@ class Batch:
     graphs: GraphBatch
     targets: torch.Tensor | None
     question_types: list[str]
+    images: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.question_ids)
 
     def _map(self, fn: Callable[[Any], Any]) -> Batch:
-        """A copy with `fn` applied to every tensor and to the graph batch."""
+        """A copy with `fn` applied to every tensor and to the graph batch; None fields (targets, images) stay None."""
         changed = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -117,6 +117,9 @@ class DataConfig(_Section):
     root: Path | None = _p(
         None, "Processed data folder written by `isubg data prepare`; unset: the embedded demo dataset."
     )
+    demo_size: Literal["tiny", "small", "medium"] = _p(
+        "small", "Size of the embedded demo dataset used when data.root is unset (tiny, small, medium)."
+    )
     features: Path | None = _p(None, "HDF5 box-feature file; unset: the file named in the processed folder's manifest.")
     image_root: Path | None = _p(
         None, "Image folder for the X-VLM Swin/ViT encoder (model.xvlm.vision); unset: region features only."
@@ -541,11 +544,10 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
         rules += [("model.isubg.alpha", reason), ("model.isubg.beta", reason)]
     if len(branches) == 1:
         rules.append(("model.fusion.fusion_ratio", "fusion needs at least two branches"))
-    # Image input is not part of the Batch yet: until it is, these only record intent.
-    rules += [
-        ("model.xvlm.xvlm_config", "reading X-VLM settings files is not implemented yet; set model.xvlm.* directly"),
-        ("model.xvlm.image_res", "image input (vision swin/vit) is not implemented yet"),
-    ]
+    # An X-VLM settings file can switch vision to swin/vit at build time, but only when data.image_root is set.
+    x = cfg.model.xvlm
+    if x.vision == "regions" and (x.xvlm_config is None or cfg.data.image_root is None):
+        rules.append(("model.xvlm.image_res", "model.xvlm.vision is 'regions' (region features, no image pixels)"))
     return rules
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a CLI runner and a helper that writes YAML files into a temporary folder."""
+"""Shared fixtures: a CLI runner, a YAML-writing helper and one tiny demo dataset for the whole session."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ def write_yaml(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The root of a tiny demo build (processed/gqa and processed/vqa inside), built once per session."""
+    from isubg.data.embedded import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("tiny-demo"), size="tiny", seed=0).root
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,6 +3,7 @@ hyperparameter's effect, the candidate loss, the X-VLM checkpoint loader and the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from isubg.models.xvlm import (
     pre_question,
     vision_config,
 )
+from isubg.models.xvlm_config import apply_xvlm_settings, image_input
 
 NUM_WORDS, NUM_ANSWERS, FEATURE_DIM, QUESTION_LEN = 20, 7, 8, 8
 SPEC = DataSpec(num_words=NUM_WORDS, num_answers=NUM_ANSWERS, num_graph_tokens=9, feature_dim=FEATURE_DIM)
@@ -429,14 +431,6 @@ def test_bad_checkpoint_files_give_data_errors(tmp_path: Path) -> None:
 # Config errors and the image encoders
 
 
-def test_image_vision_is_refused_until_the_batch_has_images(tmp_path: Path) -> None:
-    cfg = RunConfig.model_validate(
-        {"data": {"image_root": str(tmp_path)}, "model": {"xvlm": {**TINY, "vision": "swin"}}}
-    )
-    with pytest.raises(ConfigError, match="does not carry image pixels"):
-        build(cfg, SPEC)
-
-
 def test_text_encoder_without_vocab_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"vocab\.txt"):
         build(_cfg(text_encoder=str(tmp_path)), SPEC)
@@ -476,3 +470,267 @@ def test_key_map_covers_every_transformer_parameter_for_any_layer_counts() -> No
     model = _model(num_text_layers=2, num_cross_layers=3)
     transformer = {n for n, _ in model.named_parameters() if not n.startswith(("vision.", "head."))}
     assert set(mapping.values()) == transformer
+
+
+# --------------------------------------------------------------------------------------------------
+# Image input (vision swin/vit) and X-VLM settings files
+
+# Tiny stand-ins for X-VLM's configs/config_swinB_480.json, config_clipvitB.json and config_bert.json (same keys).
+TINY_SWIN = {"ckpt": "data/swin_base_patch4_window7_224_22k.pth", "vision_width": 16, "image_res": 32,
+             "window_size": 4, "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2]}  # fmt: skip
+TINY_VIT = {"ckpt": "data/clip-vit-base-patch16.bin", "vision_width": 12, "patch_size": 8, "hidden_act": "quick_gelu",
+            "num_attention_heads": 2, "attention_dropout": 0.0, "intermediate_size": 24, "num_hidden_layers": 1,
+            "local_attn_depth": 0}  # fmt: skip
+TINY_BERT = {"architectures": ["BertForMaskedLM"], "hidden_size": 16, "num_attention_heads": 2,
+             "intermediate_size": 32, "num_hidden_layers": 3, "fusion_layer": 2, "encoder_width": 16,
+             "vocab_size": 30522, "hidden_dropout_prob": 0.1}  # fmt: skip
+
+
+def _xvlm_repo(root: Path, **overrides: Any) -> Path:
+    """A tiny X-VLM checkout: configs/VQA_tiny.yaml in X-VLM's key names (as VQA_480.yaml, plus one unknown key),
+    the JSON files it names under configs/, and data/bert-base-uncased/vocab.txt. Returns the YAML path."""
+    import json
+
+    import yaml
+
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    for name, data in [("config_swin_tiny.json", TINY_SWIN), ("config_vit_tiny.json", TINY_VIT),
+                       ("config_bert.json", TINY_BERT)]:  # fmt: skip
+        (root / "configs" / name).write_text(json.dumps(data))
+    bert = root / "data" / "bert-base-uncased"
+    bert.mkdir(parents=True, exist_ok=True)
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    settings: dict[str, Any] = {
+        "train_file": ["data/finetune/vqa_train.json", "data/finetune/vg_qa.json"],
+        "test_file": ["data/finetune/vqa_test.json"],
+        "answer_list": "data/finetune/answer_list.json",
+        "vqa_root": "images/coco/",
+        "vg_root": "images/visualgenome/",
+        "vision_config": "configs/config_swin_tiny.json",
+        "use_clip_vit": False,
+        "use_swin": True,
+        "image_res": 32,
+        "patch_size": 32,
+        "use_roberta": False,
+        "text_config": "configs/config_bert.json",
+        "text_encoder": "data/bert-base-uncased",
+        "num_dec_layers": 6,
+        "batch_size_train": 24,
+        "batch_size_test": 32,
+        "max_tokens": 12,
+        "k_test": 128,
+        "optimizer": {"opt": "adamW", "lr": 5e-5, "weight_decay": 0.01, "lr_mult": 2},
+        "schedular": {"sched": "linear", "lr": 5e-5, "epochs": 10, "num_warmup_steps": 0.1},
+        "start_eval": 0,
+        "my_own_key": 1,
+        **overrides,
+    }
+    path = root / "configs" / "VQA_tiny.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def _image_cfg(yaml_path: Path, image_root: Path | None, memory_efficient: bool = False, **xvlm: Any) -> RunConfig:
+    data = {"image_root": str(image_root)} if image_root is not None else {}
+    return RunConfig.model_validate(
+        {
+            "data": data,
+            "model": {"xvlm": {"xvlm_config": str(yaml_path), **xvlm}},
+            "memory": {"memory_efficient_attention": memory_efficient},
+        }
+    )
+
+
+def _settings(yaml_path: Path, image_root: Path | None = None, **xvlm: Any) -> tuple[RunConfig, Any]:
+    with pytest.warns(UserWarning, match="my_own_key"):
+        return apply_xvlm_settings(_image_cfg(yaml_path, image_root, **xvlm))
+
+
+def _with_images(batch: Batch, res: int = 32, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return replace(batch, images=torch.randn(len(batch), 3, res, res, generator=g))
+
+
+def test_settings_file_maps_xvlm_keys(tmp_path: Path) -> None:
+    effective, report = _settings(_xvlm_repo(tmp_path / "X-VLM"))
+    x = effective.model.xvlm
+    assert (x.image_res, x.max_tokens, x.hidden_size, x.num_heads, x.intermediate_size) == (32, 12, 16, 2, 32)
+    assert (x.num_text_layers, x.num_cross_layers) == (2, 1)  # fusion_layer 2 of 3 layers
+    assert x.text_encoder == tmp_path / "X-VLM" / "data" / "bert-base-uncased"  # relative to the X-VLM root
+    assert x.vision == "regions" and any("use_swin: True" in n and "image_root is unset" in n for n in report.notes)
+    assert report.vision_sizes == {} and x.topk == 6  # k_test is not topk
+    assert {"k_test", "optimizer", "schedular", "num_dec_layers", "answer_list", "vqa_root"} <= set(report.not_applied)
+    assert "train.xvlm_lr" in report.not_applied["optimizer"]
+    assert report.unknown == ["my_own_key"]
+    summary = report.summary()
+    assert "applied image_res=32" in summary and "unknown keys: my_own_key" in summary and "k_test (" in summary
+
+
+def test_explicit_settings_win_and_are_reported(tmp_path: Path) -> None:
+    yaml_path = _xvlm_repo(tmp_path / "X-VLM")
+    effective, report = _settings(yaml_path, max_tokens=20, hidden_size=24, num_heads=4, text_encoder=str(tmp_path))
+    x = effective.model.xvlm
+    assert (x.max_tokens, x.hidden_size, x.num_heads, x.text_encoder) == (20, 24, 4, tmp_path)
+    assert x.intermediate_size == 32 and x.image_res == 32  # still at their defaults: the file's values
+    kept = {name: (ours, theirs) for name, ours, theirs in report.kept}
+    assert kept["max_tokens"] == (20, 12) and kept["hidden_size"] == (24, 16) and kept["num_heads"] == (4, 2)
+    assert "max_tokens=20 (file 12)" in report.summary()
+    # Applying again to the effective config changes nothing (a saved config rebuilds the same model).
+    with pytest.warns(UserWarning):
+        again, _ = apply_xvlm_settings(effective)
+    assert again.model.xvlm == effective.model.xvlm
+
+
+def test_use_swin_and_use_clip_vit_pick_the_image_encoder(tmp_path: Path) -> None:
+    yaml_path = _xvlm_repo(tmp_path / "X-VLM")
+    effective, report = _settings(yaml_path, image_root=tmp_path)
+    assert effective.model.xvlm.vision == "swin" and report.applied["vision"] == "swin"
+    assert report.vision_sizes == {k: TINY_SWIN[k] for k in ("embed_dim", "depths", "num_heads", "window_size")}
+    assert any("are not loaded" in n for n in report.notes)
+
+    vit_yaml = _xvlm_repo(tmp_path / "X-VLM-vit", use_clip_vit=True, vision_config="configs/config_vit_tiny.json")
+    effective, report = _settings(vit_yaml, image_root=tmp_path)
+    assert effective.model.xvlm.vision == "vit"  # X-VLM checks use_clip_vit before use_swin
+    assert report.vision_sizes["vision_width"] == 12 and report.vision_sizes["hidden_act"] == "quick_gelu"
+    assert any("local_attn_depth" in n for n in report.notes)
+    with pytest.warns(UserWarning):
+        model = build(_image_cfg(vit_yaml, tmp_path), SPEC)
+    vit = model.vision.backbone.config
+    assert (vit.hidden_size, vit.patch_size, vit.num_hidden_layers, vit.image_size, vit.hidden_act) == (
+        12, 8, 1, 32, "quick_gelu"
+    )  # fmt: skip
+    assert model.settings_report is not None and model.settings_report.applied["vision"] == "vit"
+
+    # An explicit vision wins over the file's; the Swin JSON does not fit a ViT, so ViT-B sizes are noted.
+    effective, report = _settings(yaml_path, image_root=tmp_path, vision="vit")
+    assert effective.model.xvlm.vision == "vit" and ("vision", "vit", "swin") in report.kept
+    assert report.vision_sizes == {} and any("not a vit config" in n for n in report.notes)
+
+
+def test_image_input_tells_the_dataset_what_to_load(tmp_path: Path) -> None:
+    yaml_path = _xvlm_repo(tmp_path / "X-VLM")
+    with pytest.warns(UserWarning):
+        assert image_input(_image_cfg(yaml_path, tmp_path)) == (tmp_path, 32)  # use_swin + image root
+        assert image_input(_image_cfg(yaml_path, None)) == (None, 32)  # regions kept: no pixels to load
+    regions = RunConfig.model_validate({"data": {"image_root": str(tmp_path)}, "model": {"xvlm": {"image_res": 64}}})
+    assert image_input(regions) == (None, 64)
+    vit = {"data": {"image_root": str(tmp_path)}, "model": {"xvlm": {"vision": "vit", "image_res": 64}}}
+    assert image_input(RunConfig.model_validate(vit)) == (tmp_path, 64)
+    vit["model"]["branches"] = ["cfrf", "isubg"]
+    assert image_input(RunConfig.model_validate(vit)) == (None, 64)
+
+
+@pytest.mark.filterwarnings("ignore:.*unknown X-VLM settings keys:UserWarning")
+def test_settings_file_errors_name_the_file(tmp_path: Path) -> None:
+    absent = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match=r"model\.xvlm\.xvlm_config=.*absent\.yaml"):
+        apply_xvlm_settings(_image_cfg(absent, None))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("image_res: [480\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml"):
+        build(_image_cfg(broken, None, **TINY), SPEC)
+    no_json = _xvlm_repo(tmp_path / "a", vision_config="configs/missing.json")
+    with pytest.raises(ConfigError, match=r"vision_config: 'configs/missing\.json' names no file; tried .*configs"):
+        apply_xvlm_settings(_image_cfg(no_json, tmp_path))
+    bad_value = _xvlm_repo(tmp_path / "b", image_res="big")
+    with pytest.raises(ConfigError, match="image_res must be an integer"):
+        apply_xvlm_settings(_image_cfg(bad_value, None))
+    (tmp_path / "c" / "configs").mkdir(parents=True)
+    (tmp_path / "c" / "configs" / "odd_bert.json").write_text('{"hidden_size": 10, "num_attention_heads": 3}')
+    odd = _xvlm_repo(tmp_path / "c", text_config="configs/odd_bert.json")
+    with pytest.raises(ConfigError, match=r"not valid here.*multiple of"):
+        apply_xvlm_settings(_image_cfg(odd, None))
+
+
+def test_image_res_and_settings_file_no_longer_warn_as_unimplemented(tmp_path: Path) -> None:
+    from isubg.config import config_warnings
+
+    def paths(settings: dict[str, Any]) -> dict[str, str]:
+        return {w.path: w.message for w in config_warnings(RunConfig.model_validate(settings))}
+
+    regions = paths({"model": {"xvlm": {"image_res": 64, "xvlm_config": "x.yaml"}}})
+    assert "regions" in regions["model.xvlm.image_res"] and "model.xvlm.xvlm_config" not in regions
+    swin = {"data": {"image_root": str(tmp_path)}, "model": {"xvlm": {"image_res": 64, "vision": "swin"}}}
+    assert "model.xvlm.image_res" not in paths(swin)
+    via_file = {"data": {"image_root": str(tmp_path)}, "model": {"xvlm": {"image_res": 64, "xvlm_config": "x.yaml"}}}
+    assert "model.xvlm.image_res" not in paths(via_file)
+
+
+@pytest.fixture(scope="module")
+def demo_with_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny GQA demo folder and an image folder with a random <imageId>.jpg for every train image."""
+    import numpy as np
+    from PIL import Image
+
+    from isubg.data.embedded import build_demo
+    from isubg.data.files import read_json
+
+    root = tmp_path_factory.mktemp("demo")
+    folder = build_demo(root, size="tiny", seed=0).processed("gqa")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for image_id in {r["image_id"] for r in read_json(folder / "questions_train.json")}:
+        Image.fromarray(rng.integers(0, 256, (18, 24, 3), dtype=np.uint8)).save(images / f"{image_id}.jpg")
+    return folder, images
+
+
+@pytest.mark.parametrize("kind", ["swin", "vit"])
+def test_image_branch_trains_on_a_dataset_batch(kind: str, demo_with_images: tuple[Path, Path], tmp_path: Path) -> None:
+    from isubg.data.dataset import VQADataset, collate
+
+    folder, images = demo_with_images
+    extra = {"use_clip_vit": True, "vision_config": "configs/config_vit_tiny.json"} if kind == "vit" else {}
+    cfg, _ = _settings(_xvlm_repo(tmp_path / "X-VLM", **extra), image_root=images)
+    x = cfg.model.xvlm
+    data = VQADataset(folder, "train", question_len=12, max_boxes=36, num_stat_word=10, image_root=images,
+                      image_res=x.image_res)  # fmt: skip
+    batch = collate([data[i] for i in range(4)], data.num_answers)
+    assert batch.images is not None and batch.images.shape == (4, 3, 32, 32)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        model = build(_image_cfg(cfg.model.xvlm.xvlm_config, images), data.spec())
+    assert isinstance(model.vision, ImageEncoder) and model.image_res == 32
+    out = model(batch)
+    assert out.logits.shape == (4, data.num_answers) and torch.isfinite(out.logits).all()
+    assert batch.targets is not None
+    nn.functional.binary_cross_entropy_with_logits(out.logits, batch.targets).backward()
+    grads = [p.grad for p in model.vision.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _swin_model(tmp_path: Path, memory_efficient: bool = False) -> XvlmBranch:
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        return build(_image_cfg(_xvlm_repo(tmp_path / "X-VLM"), tmp_path, memory_efficient), SPEC)
+
+
+def test_image_tokens_replace_the_region_tokens(tmp_path: Path) -> None:
+    model = _swin_model(tmp_path).eval()
+    batch = _with_images(_batch())
+    logits = model(batch).logits
+    other_regions = replace(batch, features=torch.randn_like(batch.features), box_mask=torch.ones_like(batch.box_mask))
+    torch.testing.assert_close(model(other_regions).logits, logits)
+    assert not torch.allclose(model(_with_images(_batch(), seed=1)).logits, logits, atol=1e-5)
+
+
+def test_image_branch_without_images_or_at_another_size_is_a_config_error(tmp_path: Path) -> None:
+    model = _swin_model(tmp_path)
+    with pytest.raises(ConfigError, match=r"carries none.*data\.image_root"):
+        model(_batch())
+    with pytest.raises(ConfigError, match=r"\(3, 64, 64\).*built for \(3, 32, 32\)"):
+        model(_with_images(_batch(), res=64))
+
+
+def test_memory_efficient_image_branch_checkpoints_the_backbone(tmp_path: Path) -> None:
+    plain, efficient = _swin_model(tmp_path).eval(), _swin_model(tmp_path, memory_efficient=True).eval()
+    new_name = hasattr(plain.vision.backbone, "is_activation_checkpointing")  # transformers >= 5 renamed it
+    flag = "is_activation_checkpointing" if new_name else "is_gradient_checkpointing"
+    assert getattr(efficient.vision.backbone, flag) and not getattr(plain.vision.backbone, flag)
+    batch = _with_images(_batch())
+    torch.testing.assert_close(efficient(batch).logits, plain(batch).logits)
+    efficient.train()
+    _no_dropout(efficient)
+    efficient(batch).logits.sum().backward()
+    assert all(p.grad is not None for p in efficient.vision.backbone.parameters())

@@ -22,6 +22,7 @@ from isubg.batch import Batch, DataSpec
 from isubg.data.answers import AnswerVocab
 from isubg.data.features import FeatureStore
 from isubg.data.files import read_json
+from isubg.data.images import ImageLoader
 from isubg.data.prepare import read_manifest
 from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
 from isubg.data.text import Dictionary
@@ -50,6 +51,7 @@ class Sample:
     graph: Data
     labels: np.ndarray | None  # (m,) int64 answer ids with a positive score
     scores: np.ndarray | None  # (m,) float32
+    image: np.ndarray | None = None  # (3, R, R) float32 pixels (isubg.data.images) when the dataset has an image root
 
 
 def _pad(values: Sequence[int], length: int) -> tuple[np.ndarray, int]:
@@ -70,9 +72,14 @@ class VQADataset(Dataset[Sample]):
         num_stat_word: stat words per image.
         features: the HDF5 features; None uses the path recorded in the manifest.
         in_memory: read the features into RAM.
+        image_root: data.image_root; when set each Sample carries its image's pixels (`Sample.image`,
+            `Batch.images`) for the X-VLM Swin/ViT encoder. None: no pixels.
+        image_res: image side R (model.xvlm.image_res).
+        dataset_name: "GQA" or "VQA", the image file-name rule; None: the manifest's dataset.
 
     Raises:
-        DataError: not a processed folder, unknown or empty split, or missing features.
+        DataError: not a processed folder, unknown or empty split, missing features, or an image root that is
+            not a folder. A missing image file is a DataError when its sample is read.
     """
 
     def __init__(
@@ -85,6 +92,9 @@ class VQADataset(Dataset[Sample]):
         num_stat_word: int,
         features: Path | None = None,
         in_memory: bool = False,
+        image_root: Path | None = None,
+        image_res: int = 480,
+        dataset_name: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -104,6 +114,10 @@ class VQADataset(Dataset[Sample]):
             path = self.folder / path
         self.features = FeatureStore(path, max_boxes=max_boxes, in_memory=in_memory)
         self.has_targets = self.records[0]["labels"] is not None
+        self.images: ImageLoader | None = None
+        if image_root is not None:
+            name = dataset_name if dataset_name is not None else str(self.manifest.get("dataset", ""))
+            self.images = ImageLoader(Path(image_root), image_res, name)
 
     def spec(self) -> DataSpec:
         """Sizes and embeddings a model is built for (GloVe rows only when prepare was given GloVe)."""
@@ -165,6 +179,7 @@ class VQADataset(Dataset[Sample]):
             graph=to_pyg(self.graph(image_id), self.graph_vocab, max_attributes=MAX_ATTRIBUTES),
             labels=None if labels is None else np.asarray(labels, dtype=np.int64),
             scores=None if labels is None else np.asarray(record["scores"], dtype=np.float32),
+            image=None if self.images is None else self.images.load(image_id),
         )
 
 
@@ -178,7 +193,7 @@ def collate(samples: Sequence[Sample], num_answers: int) -> Batch:
     Boxes are padded to the largest count in this batch, so a batch of small images stays small.
 
     Raises:
-        ValueError: an empty list, or samples with and without targets mixed.
+        ValueError: an empty list, or samples with and without targets (or images) mixed.
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -198,6 +213,10 @@ def collate(samples: Sequence[Sample], num_answers: int) -> Batch:
             targets[i, torch.from_numpy(s.labels)] = torch.from_numpy(s.scores)
     q_tokens = torch.from_numpy(np.stack([s.q_tokens for s in samples]))
     stat_tokens = torch.from_numpy(np.stack([s.stat_tokens for s in samples]))
+    with_images = {s.image is not None for s in samples}
+    if len(with_images) > 1:
+        raise ValueError("a batch mixes samples with and without images")
+    images = torch.from_numpy(np.stack([s.image for s in samples])) if with_images == {True} else None
     return Batch(
         question_ids=[s.question_id for s in samples],
         image_ids=[s.image_id for s in samples],
@@ -213,6 +232,7 @@ def collate(samples: Sequence[Sample], num_answers: int) -> Batch:
         graphs=GraphBatch.from_data_list([s.graph for s in samples]),
         targets=targets,
         question_types=[s.qtype for s in samples],
+        images=images,
     )
 
 

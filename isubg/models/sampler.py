@@ -230,6 +230,9 @@ class NodeSampler(nn.Module):
             scores: (N,); index: (N,) int64; noise: (S, N) -> (N,) float in [0, 1], exactly k-hot per graph
             for each sample (so a multiple of 1/S).
         """
+        # Top-k and its noise run in float32 under autocast too: bf16 scores tie easily (8 mantissa bits),
+        # which changes which nodes are kept, and CPU Gamma sampling has no bf16 kernel.
+        scores = scores.float()
         if noise is None:
             noise = self.draw_noise(scores.numel(), scores) if self.training else scores.new_zeros(1, scores.numel())
         if self.kind == "imle":

@@ -21,14 +21,20 @@ Deviations from X-VLM, and why:
   does (`pre_question`), WordPiece-tokenized and cut to `max_tokens`. Without it (the offline default) the isubg
   word ids are used with an embedding of `num_words + 2` rows ([CLS] and [SEP] appended); a real checkpoint's word
   embeddings then mismatch and are reported, so real weights need the real tokenizer folder.
-- `vision: swin|vit` needs images, which the Batch does not carry yet: `build` refuses it with a ConfigError.
-  `ImageEncoder` (Swin/ViT from a config, no download) is ready for when it does.
+- `vision: swin|vit` encodes `Batch.images` (data.image_root, preprocessed by isubg.data.images at `image_res`) with
+  a `transformers` Swin or ViT (`ImageEncoder`, built from a config, nothing downloaded) whose tokens are projected
+  to the text width, for the same reason as the region tokens. Its weights start random: a checkpoint's timm-named
+  `vision_encoder.*` tensors are reported as unmapped. The ViT stands in for X-VLM's CLIP-ViT (same sizes, HF ViT
+  layout). With `memory_efficient_attention` the backbone recomputes activations in backward (gradient checkpointing).
+- `model.xvlm.xvlm_config` (an X-VLM settings YAML) is applied by `build` through
+  `isubg.models.xvlm_config.apply_xvlm_settings`; what it set is in `XvlmBranch.settings_report`.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ from isubg.batch import Batch, DataSpec
 from isubg.config import RunConfig, XvlmConfig
 from isubg.errors import ConfigError, DataError
 from isubg.models.common import BranchOutput, Classifier, masked_mean
+from isubg.models.xvlm_config import XvlmSettings, apply_xvlm_settings
 
 __all__ = [
     "FusionLayer",
@@ -185,32 +192,54 @@ class RegionEncoder(nn.Module):
         return self.dropout(tokens), torch.cat([always, box_mask], dim=1)
 
 
-def vision_config(kind: str, image_res: int) -> SwinConfig | ViTConfig:
+def vision_config(kind: str, image_res: int, sizes: Mapping[str, Any] | None = None) -> SwinConfig | ViTConfig:
     """X-VLM's image encoder sizes as a transformers config (built locally, nothing downloaded).
 
     'swin': Swin-B (patch 4, embed 128, depths 2/2/18/2, heads 4/8/16/32, window image_res/32: 15 at 480 px).
-    'vit': ViT-B/16 (768 wide, 12 layers, 12 heads), X-VLM's CLIP-ViT alternative.
+    'vit': ViT-B/16 (768 wide, 12 layers, 12 heads, FFN 3072), X-VLM's CLIP-ViT alternative.
+    `sizes` overrides these with an X-VLM vision JSON's values, in its key names (`XvlmSettings.vision_sizes`:
+    Swin embed_dim/depths/num_heads/window_size; ViT vision_width/patch_size/num_hidden_layers/num_attention_heads/
+    intermediate_size/hidden_act/attention_dropout).
     """
+    got = dict(sizes or {})
     if kind == "swin":
         return SwinConfig(
             image_size=image_res,
             patch_size=4,
-            embed_dim=128,
-            depths=[2, 2, 18, 2],
-            num_heads=[4, 8, 16, 32],
-            window_size=max(1, image_res // 32),
+            embed_dim=got.get("embed_dim", 128),
+            depths=list(got.get("depths", [2, 2, 18, 2])),
+            num_heads=list(got.get("num_heads", [4, 8, 16, 32])),
+            window_size=got.get("window_size", max(1, image_res // 32)),
             drop_path_rate=0.1,
         )
     if kind == "vit":
-        return ViTConfig(image_size=image_res, patch_size=16, hidden_size=768, num_hidden_layers=12)
+        return ViTConfig(
+            image_size=image_res,
+            patch_size=got.get("patch_size", 16),
+            hidden_size=got.get("vision_width", 768),
+            num_hidden_layers=got.get("num_hidden_layers", 12),
+            num_attention_heads=got.get("num_attention_heads", 12),
+            intermediate_size=got.get("intermediate_size", 3072),
+            hidden_act=got.get("hidden_act", "gelu"),
+            attention_probs_dropout_prob=got.get("attention_dropout", 0.0),
+        )
     raise ValueError(f"unknown vision encoder {kind!r}; expected 'swin' or 'vit'")
+
+
+def _checkpoint_backbone(backbone: nn.Module) -> None:
+    """Recompute the backbone's layer activations in backward (transformers >= 5 renamed the switch)."""
+    enable = getattr(backbone, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable({"use_reentrant": False})
 
 
 class ImageEncoder(nn.Module):
     """Visual tokens from pixels: a Swin or ViT backbone, then a LayerNorm'd projection to the text width.
 
-    Swin tokens are [average-pooled token, patches] as in X-VLM; ViT tokens are [CLS, patches]. Not used by
-    `build` yet (the Batch carries no images); it exists so image input only needs wiring.
+    Swin tokens are [average-pooled token, patches] as in X-VLM; ViT tokens are [CLS, patches]. `XvlmBranch` uses
+    it for model.xvlm.vision swin/vit.
 
     Shapes:
         pixel_values: (B, 3, R, R). Returns tokens (B, 1 + P, H) and mask (B, 1 + P) bool, all True.
@@ -293,11 +322,22 @@ class XvlmBranch(nn.Module):
 
     Attributes:
         tokenizer: the BERT tokenizer when model.xvlm.text_encoder names one, else None (isubg word ids).
+        vision: `RegionEncoder` (vision regions) or `ImageEncoder` (swin/vit, over `Batch.images`).
+        image_res: the image side R the ImageEncoder expects, or None with regions.
         load_report: what `build` loaded from model.xvlm.checkpoint, or None.
+        settings_report: what `build` took from model.xvlm.xvlm_config, or None.
+
+    Args:
+        vision_sizes: image-encoder sizes from an X-VLM vision JSON (see `vision_config`); None: X-VLM's base.
     """
 
     def __init__(
-        self, xcfg: XvlmConfig, spec: DataSpec, memory_efficient: bool = False, tokenizer: Any | None = None
+        self,
+        xcfg: XvlmConfig,
+        spec: DataSpec,
+        memory_efficient: bool = False,
+        tokenizer: Any | None = None,
+        vision_sizes: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -305,17 +345,30 @@ class XvlmBranch(nn.Module):
         self.topk = xcfg.topk
         self.memory_efficient = memory_efficient
         self.load_report: LoadReport | None = None
+        self.settings_report: XvlmSettings | None = None
         # Offline default: isubg ids plus two rows for [CLS] and [SEP] after the question dictionary.
         vocab = len(tokenizer) if tokenizer is not None else spec.num_words + 2
         self.config = bert_config(xcfg, vocab, memory_efficient)
         self.embeddings = BertEmbeddings(self.config)
         self.text_layers = nn.ModuleList(FusionLayer(self.config, cross=False) for _ in range(xcfg.num_text_layers))
         self.cross_layers = nn.ModuleList(FusionLayer(self.config, cross=True) for _ in range(xcfg.num_cross_layers))
-        self.vision = RegionEncoder(spec.feature_dim, xcfg.hidden_size)
+        self.image_res: int | None = None
+        self.vision: RegionEncoder | ImageEncoder
+        if xcfg.vision == "regions":
+            self.vision = RegionEncoder(spec.feature_dim, xcfg.hidden_size)
+        else:
+            self.image_res = xcfg.image_res
+            self.vision = ImageEncoder(vision_config(xcfg.vision, xcfg.image_res, vision_sizes), xcfg.hidden_size)
+            if memory_efficient:
+                _checkpoint_backbone(self.vision.backbone)
         _init_bert_weights(self.embeddings)
         _init_bert_weights(self.text_layers)
         _init_bert_weights(self.cross_layers)
-        _init_bert_weights(self.vision)
+        if isinstance(self.vision, RegionEncoder):
+            _init_bert_weights(self.vision)
+        else:  # the backbone keeps its own (transformers) initialisation; only the projection gets BERT's
+            _init_bert_weights(self.vision.proj)
+            _init_bert_weights(self.vision.norm)
         self.head = Classifier(xcfg.hidden_size, 2 * xcfg.hidden_size, spec.num_answers, "gelu", _DROPOUT)
 
     def text_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,6 +399,31 @@ class XvlmBranch(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
+    def visual_tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens the fusion layers cross-attend to: region tokens, or image tokens from `batch.images`.
+
+        Shapes:
+            regions: (B, 1 + K, H) and mask (B, 1 + K); images (B, 3, R, R) -> (B, 1 + P, H) and mask (B, 1 + P).
+
+        Raises:
+            ConfigError: vision is swin/vit and the batch has no images (the dataset was given no data.image_root),
+                or its images are not image_res x image_res.
+        """
+        if isinstance(self.vision, RegionEncoder):
+            return self.vision(batch.features, batch.spatials, batch.box_mask)
+        images = batch.images
+        if images is None:
+            raise ConfigError(
+                "the X-VLM branch encodes images (model.xvlm.vision swin/vit) but the batch carries none: the dataset "
+                "needs data.image_root (VQADataset(image_root=..., image_res=model.xvlm.image_res))"
+            )
+        if tuple(images.shape[1:]) != (3, self.image_res, self.image_res):
+            raise ConfigError(
+                f"the batch's images are {tuple(images.shape[1:])}, but the X-VLM image encoder was built for "
+                f"(3, {self.image_res}, {self.image_res}) (model.xvlm.image_res); give the dataset the same image_res"
+            )
+        return self.vision(images.to(self.vision.proj.weight.dtype))
+
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Question states after the text layers and the fusion layers.
 
@@ -355,7 +433,7 @@ class XvlmBranch(nn.Module):
         ids, mask = self.text_inputs(batch)
         hidden = self.embeddings(input_ids=ids)
         self_mask = _additive_mask(mask, hidden.dtype)
-        visual, visual_mask = self.vision(batch.features, batch.spatials, batch.box_mask)
+        visual, visual_mask = self.visual_tokens(batch)
         cross_mask = _additive_mask(visual_mask, hidden.dtype)
         for layer in self.text_layers:
             hidden = self._run(layer, hidden, self_mask)
@@ -368,8 +446,10 @@ class XvlmBranch(nn.Module):
 
         Shapes:
             batch.q_tokens, batch.q_mask: (B, L) (or batch.questions, B strings, with a tokenizer);
-            batch.features: (B, K, D); batch.spatials: (B, K, 6); batch.box_mask: (B, K) bool.
-            Internally: text ids (B, T), T <= max_tokens; visual tokens (B, 1 + K, H); states (B, T, H).
+            batch.features: (B, K, D); batch.spatials: (B, K, 6); batch.box_mask: (B, K) bool (vision regions);
+            batch.images: (B, 3, R, R) float32, R = image_res (vision swin/vit).
+            Internally: text ids (B, T), T <= max_tokens; visual tokens (B, 1 + K, H) from regions or (B, 1 + P, H)
+            from P image patches; states (B, T, H).
             Returns BranchOutput(logits (B, A), node_mask None).
         """
         states, _ = self.encode(batch)
@@ -553,21 +633,24 @@ def load_xvlm_checkpoint(model: XvlmBranch, path: Path) -> LoadReport:
 
 
 def build(cfg: RunConfig, spec: DataSpec) -> XvlmBranch:
-    """The X-VLM branch for a run config, with model.xvlm.checkpoint loaded when set (report in `load_report`).
+    """The X-VLM branch for a run config.
+
+    model.xvlm.xvlm_config is applied first (`apply_xvlm_settings`; report in `settings_report`), then
+    model.xvlm.checkpoint is loaded when set (report in `load_report`). With vision swin/vit the branch reads
+    `Batch.images`, so the dataset must be built with data.image_root and the effective image_res
+    (`apply_xvlm_settings(cfg)[0].model.xvlm.image_res`).
 
     Raises:
-        ConfigError: model.xvlm.vision is 'swin' or 'vit' (image input is not in the Batch yet), or
+        ConfigError: the X-VLM settings file cannot be used (see `apply_xvlm_settings`), or
             model.xvlm.text_encoder is not a usable local BERT tokenizer folder.
         DataError: the checkpoint cannot be read or fits nothing.
     """
+    cfg, settings = apply_xvlm_settings(cfg)
     xcfg = cfg.model.xvlm
-    if xcfg.vision != "regions":
-        raise ConfigError(
-            f"model.xvlm.vision={xcfg.vision!r} needs images, but the training Batch does not carry image pixels "
-            "yet; use model.xvlm.vision=regions (projected region features)"
-        )
     tokenizer = load_tokenizer(Path(xcfg.text_encoder)) if xcfg.text_encoder is not None else None
-    model = XvlmBranch(xcfg, spec, cfg.memory.memory_efficient_attention, tokenizer)
+    sizes = settings.vision_sizes if settings is not None else None
+    model = XvlmBranch(xcfg, spec, cfg.memory.memory_efficient_attention, tokenizer, sizes)
+    model.settings_report = settings
     if xcfg.checkpoint is not None:
         model.load_report = load_xvlm_checkpoint(model, Path(xcfg.checkpoint))
     return model

@@ -1,0 +1,154 @@
+"""Checkpoints: written atomically, read with `weights_only=True`, carrying everything an exact resume needs.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (nothing pickled beyond what
+`torch.load(weights_only=True)` accepts):
+
+    version           CHECKPOINT_VERSION
+    model             the FusedModel state dict (never with DDP's `module.` prefix)
+    optimizers        {"main": Adamax state, "xvlm": AdamW state (absent without the xvlm branch)}
+    scheduler         the main optimizer's LambdaLR state
+    scaler            the GradScaler state ({} when no scaler runs)
+    rng               torch CPU/CUDA, Python and numpy generator states (see `rng_state`)
+    progress          {"epoch", "batch" (micro-batches done in that epoch), "step", "best_score",
+                       "best_epoch", "bad_epochs", "elapsed_s"}
+    config            the resolved RunConfig as JSON-ready data
+    spec              the data sizes the model was built for (DataSpec without embeddings)
+    vocab_sha256      checksum of the processed folder's dictionary.json + answers.json
+
+The write goes to a temporary file in the same folder, is flushed to disk, then renamed over the target,
+so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from isubg.errors import DataError
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "find_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "strip_module_prefix",
+    "vocab_checksum",
+]
+
+CHECKPOINT_VERSION = 1
+_REQUIRED = ("version", "model", "config", "spec")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, with `weights_only=True`.
+
+    Raises:
+        DataError: the file is missing, not a torch file, truncated, holds objects a weights-only load
+            refuses, or is not an isubg checkpoint of a version this release reads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{path}: not a readable isubg checkpoint ({first}). The file may be truncated by a crash or written "
+            "by another program; isubg loads checkpoints with weights_only=True and never unpickles code"
+        ) from None
+    if not isinstance(state, dict) or any(key not in state for key in _REQUIRED):
+        raise DataError(f"{path}: a torch file, but not an isubg checkpoint (it lacks {', '.join(_REQUIRED)})")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise DataError(
+            f"{path}: checkpoint format version {state['version']}; this isubg reads version {CHECKPOINT_VERSION}"
+        )
+    return state
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint a user means by `path`: the file itself, or a run directory's best (else last) checkpoint.
+
+    Raises:
+        DataError: nothing there, or a run directory without checkpoints.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise DataError(f"{path}: no such run directory or checkpoint file")
+    for name in ("best.pt", "last.pt"):
+        candidate = path / "checkpoints" / name
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{path}: a folder without checkpoints/best.pt or checkpoints/last.pt; is it an isubg run?")
+
+
+def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without DDP's `module.` key prefix, so single- and multi-process runs share checkpoints."""
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        return {key[len("module.") :]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run draws from, in weights-only-loadable types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (CUDA states only when CUDA is in use here too)."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _as_tuple(value: Any) -> Any:
+    # random.setstate needs tuples all the way down; a weights-only load may hand back lists.
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def vocab_checksum(folder: Path) -> str:
+    """sha256 over a processed folder's dictionary.json and answers.json: the ids a model's rows depend on."""
+    digest = hashlib.sha256()
+    for name in ("dictionary.json", "answers.json"):
+        digest.update((Path(folder) / name).read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,109 @@
+"""`isubg eval`: official accuracies of a trained run per branch and question type; exports for official scorers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from isubg.cli._common import JsonOpt, user_errors
+from isubg.console import err_console, out_console, print_json
+
+__all__ = ["evaluate_run"]
+
+
+def evaluate_run(
+    run: Annotated[Path, typer.Argument(metavar="RUN_DIR|CHECKPOINT", help="A run directory or a checkpoint file.")],
+    split: Annotated[
+        str | None, typer.Option("--split", help="Split to evaluate (val, testdev, ...); default: eval.split.")
+    ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option("--export", metavar="FILE", help="Write predictions in the official VQA/GQA result format."),
+    ] = None,
+    explanations: Annotated[
+        Path | None,
+        typer.Option("--explanations", metavar="FILE", help="Write each question's selected subgraph (isubg)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", metavar="DIR", help="Processed data folder; default: the run's.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Evaluation batch size.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Evaluate a trained run: accuracy per branch (cfrf, isubg, xvlm), fused, ens and bound, per question type.
+
+    VQA uses the official VQA v2 accuracy (answer processing, 10-choose-9 soft score); GQA exact match.
+    --export writes [{question_id, answer}] (VQA) or [{questionId, prediction}] (GQA) for the official scripts.
+    """
+    with user_errors():
+        result, paths = _run(run, split, export, explanations, data, batch_size, device)
+    if json_output:
+        print_json({**result.to_json(), "files": paths})
+        return
+    console = out_console()
+    for table in _tables(result):
+        console.print(table)
+    for what, path in paths.items():
+        console.print(f"{what}: {path}")
+
+
+def _run(
+    run: Path,
+    split: str | None,
+    export: Path | None,
+    explanations: Path | None,
+    data: Path | None,
+    batch_size: int | None,
+    device_name: str,
+) -> tuple[Any, dict[str, str]]:
+    from isubg.checkpoint import find_checkpoint, load_checkpoint, vocab_checksum
+    from isubg.cli.train import resolve_data_dir
+    from isubg.config import RunConfig
+    from isubg.device import pick_device
+    from isubg.evaluate import evaluate, load_trained, write_explanations, write_predictions
+    from isubg.train import Processes, make_batches, open_split
+
+    cfg = RunConfig.model_validate(load_checkpoint(find_checkpoint(run))["config"])
+    if batch_size is not None:
+        cfg.eval.batch_size = batch_size
+    cfg.data.num_workers = 0  # evaluation is one pass; worker start-up costs more than it saves on small splits
+    data_dir = resolve_data_dir(data or cfg.data.root, cfg.data.dataset, cfg.data.demo_size)
+    dataset = open_split(cfg, data_dir, split or cfg.eval.split, None)
+    device = pick_device(device_name)
+    model, _state = load_trained(run, dataset.spec(), vocab_checksum(data_dir), device)
+    loader = make_batches(dataset, cfg, Processes(), epoch=0, train=False)
+    console = err_console()
+    with console.status(f"evaluating {len(dataset)} questions of {dataset.split}"):
+        result = evaluate(model, loader, dataset, device=device, explanations=explanations is not None)
+    paths: dict[str, str] = {}
+    if export is not None:
+        write_predictions(result, export, cfg.data.dataset)
+        paths["predictions"] = str(export)
+    if explanations is not None:
+        write_explanations(result, explanations)
+        paths["explanations"] = str(explanations)
+    return result, paths
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _tables(result: Any) -> list[Table]:
+    overall = Table(title=f"{result.dataset.upper()}, {result.counts.get('scored', 0)} questions")
+    overall.add_column("prediction")
+    overall.add_column("accuracy %", justify="right")
+    for name in result.names:
+        overall.add_row(name, _pct((result.accuracy or {}).get(name)))
+    per_type = Table(title="per question type (accuracy %)")
+    per_type.add_column("type")
+    per_type.add_column("questions", justify="right")
+    for name in result.names:
+        per_type.add_column(name, justify="right")
+    for key, accs in result.per_type.items():
+        per_type.add_row(key, str(result.type_counts.get(key, 0)), *(_pct(accs.get(n)) for n in result.names))
+    return [overall, per_type] if result.per_type else [overall]

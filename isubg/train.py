@@ -1,0 +1,603 @@
+"""The training loop. `train(cfg, run_dir)` runs one training job; read it top to bottom.
+
+1. Set-up: processes (torchrun's environment -> DDP), device, precision, seed.
+2. Data: the processed train and validation splits, visited in a seeded, resumable `EpochOrder`.
+3. Model: `build_model`, then two optimizers, as in the seed system: Adamax at `train.lr` for every
+   non-X-VLM parameter (the fusion weights included) and AdamW at `train.xvlm_lr` (weight decay
+   `optim.xvlm_weight_decay`, constant rate) for the xvlm branch.
+4. Schedule (`train.schedule: ban`): BAN's epoch schedule, as MGHR runs it for its default 20 epochs,
+   stretched or squeezed to `train.epochs` and applied per optimizer step. With p = 20 x (fraction of
+   training done): p < 4 -> 0.5, 1.0, 1.5, 2.0 x lr by whole p (warm-up); 4 <= p < 10 -> 2 x lr; then x 0.25
+   at p = 10, 12, 14, 16, 18. At epochs = 20 it equals the reference at every epoch start.
+5. Micro-batches: the loss of each is divided by the number of micro-batches in its accumulation group
+   (update_freq x gradient_accumulation_steps, fewer for the last group of an epoch), so one update sees
+   the mean gradient; then unscale (fp16), clip the global norm to `optim.clip_norm`, step both optimizers.
+   A non-finite loss or gradient norm stops the run ("diverged") before the update, keeping the last good
+   checkpoint.
+6. After each epoch: validation accuracy per branch and fused, `last.pt` (and `best.pt` when the fused
+   accuracy improved), early stopping after `train.patience` epochs without improvement.
+7. SIGINT/SIGTERM: finish the current update, save `last.pt` with the position inside the epoch, exit.
+   `resume=True` restores everything (weights, optimizers, schedule, scaler, RNG, position), so an
+   interrupted and resumed run ends with the same weights as one that was never interrupted.
+
+Only rank 0 writes files and prints; metrics are reduced across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader
+
+from isubg.checkpoint import (
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    strip_module_prefix,
+    vocab_checksum,
+)
+from isubg.config import RunConfig
+from isubg.data.dataset import VQADataset, collate
+from isubg.data.order import EpochOrder
+from isubg.device import Precision, peak_memory_mib, pick_device, pick_precision
+from isubg.errors import ConfigError
+from isubg.evaluate import evaluate
+from isubg.metrics import AccuracyTable, gqa_accuracy, vqa_accuracy
+from isubg.models import build_model, parameter_counts
+from isubg.models.fusion import FusedModel
+from isubg.models.xvlm_config import image_input
+from isubg.resolve import dump_config
+from isubg.runlog import TrainResult, TrainUI
+
+__all__ = ["TrainResult", "ban_multiplier", "seed_everything", "train"]
+
+REFERENCE_EPOCHS = 20  # the MGHR default the BAN schedule's milestones are written for
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device_setting: str) -> Processes:
+    """Join torchrun's process group when WORLD_SIZE > 1: NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_setting != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Processes(rank=rank, world=world, local_rank=local)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python and numpy, and ask for deterministic kernels where they exist."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def ban_multiplier(step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The BAN/MGHR learning-rate multiplier at optimizer step `step` (see the module docstring)."""
+    p = REFERENCE_EPOCHS * step / (steps_per_epoch * epochs)
+    if p < 4:
+        return 0.5 * (math.floor(p) + 1)
+    if p < 10:
+        return 2.0
+    return 2.0 * 0.25 ** (math.floor((p - 10) / 2) + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def open_split(cfg: RunConfig, folder: Path, split: str, limit: int | None) -> VQADataset:
+    """One processed split, cut to its first `limit` questions when a limit is set."""
+    d = cfg.data
+    image_root, image_res = image_input(cfg)  # pixels only when the xvlm branch encodes images
+    dataset = VQADataset(
+        folder,
+        split,
+        question_len=d.question_len,
+        max_boxes=d.max_boxes,
+        num_stat_word=d.num_stat_word,
+        features=d.features,
+        in_memory=d.in_memory,
+        image_root=image_root,
+        image_res=image_res,
+    )
+    if limit is not None:
+        dataset.records = dataset.records[:limit]
+    return dataset
+
+
+def make_batches(
+    dataset: VQADataset, cfg: RunConfig, procs: Processes, *, epoch: int, train: bool, skip: int = 0
+) -> DataLoader:
+    """The epoch's batches on this rank, after `skip` samples already trained on."""
+    batch_size = cfg.train.batch_size if train else (cfg.eval.batch_size or 2 * cfg.train.batch_size)
+    order = EpochOrder(
+        len(dataset), seed=cfg.train.seed, epoch=epoch, shuffle=train, rank=procs.rank, world=procs.world,
+        pad=train, skip=skip,
+    )  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=cfg.data.num_workers,
+        collate_fn=partial(collate, num_answers=dataset.num_answers),
+        # A private generator: the loader's worker seeding must not draw from the global RNG, or a run resumed
+        # mid-epoch would see different dropout and sampler noise than the uninterrupted run.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, optimizers, schedule
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    batch: int = 0  # micro-batches of that epoch already trained on
+    step: int = 0  # optimizer steps so far
+    best_score: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the best one
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class Trainer:
+    """Everything one optimizer step touches."""
+
+    cfg: RunConfig
+    model: FusedModel
+    wrapped: nn.Module  # the model, or its DDP wrapper
+    main_opt: torch.optim.Optimizer
+    xvlm_opt: torch.optim.Optimizer | None
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: Precision
+    procs: Processes
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.main_opt, self.xvlm_opt) if o is not None]
+
+
+def make_trainer(
+    cfg: RunConfig,
+    model: FusedModel,
+    steps_per_epoch: int,
+    device: torch.device,
+    precision: Precision,
+    procs: Processes,
+) -> Trainer:
+    """Optimizers, schedule, scaler and (under torchrun) the DDP wrapper for `model`, already on `device`."""
+    xvlm = model.branches["xvlm"] if "xvlm" in model.branches else None  # noqa: SIM401 (ModuleDict has no get)
+    xvlm_ids = {id(p) for p in xvlm.parameters()} if xvlm is not None else set()
+    main_params = [p for p in model.parameters() if id(p) not in xvlm_ids and p.requires_grad]
+    main_opt = torch.optim.Adamax(main_params, lr=cfg.train.lr)
+    xvlm_opt = None
+    if xvlm is not None:
+        params = [p for p in xvlm.parameters() if p.requires_grad]
+        xvlm_opt = torch.optim.AdamW(params, lr=cfg.train.xvlm_lr, weight_decay=cfg.optim.xvlm_weight_decay)
+    if cfg.train.schedule == "ban":
+        rule = partial(ban_multiplier, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
+    else:
+        rule = partial(lambda _step: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(main_opt, rule)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    wrapped: nn.Module = model
+    if procs.world > 1:
+        # Branch subsets and the sampler leave some parameters without a gradient in some steps.
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    return Trainer(cfg, model, wrapped, main_opt, xvlm_opt, schedule, scaler, device, precision, procs)
+
+
+def checkpoint_state(t: Trainer, spec: dict[str, int], vocab: str) -> dict[str, Any]:
+    """Everything `restore` needs (layout in isubg.checkpoint)."""
+    optimizers = {"main": t.main_opt.state_dict()}
+    if t.xvlm_opt is not None:
+        optimizers["xvlm"] = t.xvlm_opt.state_dict()
+    return {
+        "version": CHECKPOINT_VERSION,
+        "model": strip_module_prefix(t.model.state_dict()),
+        "optimizers": optimizers,
+        "scheduler": t.schedule.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
+        "rng": rng_state(),
+        "progress": asdict(t.progress),
+        "config": t.cfg.model_dump(mode="json"),
+        "spec": spec,
+        "vocab_sha256": vocab,
+    }
+
+
+def restore(t: Trainer, state: dict[str, Any], vocab: str, where: Path) -> None:
+    """Load a checkpoint's weights, optimizer, schedule, scaler, RNG and position into `t`.
+
+    Raises:
+        ConfigError: the checkpoint was trained on other vocabularies or with other settings that shape the model.
+    """
+    if state.get("vocab_sha256") != vocab:
+        raise ConfigError(f"{where}: trained on a different dictionary/answer list than {t.cfg.data.root}")
+    t.model.load_state_dict(state["model"])
+    t.main_opt.load_state_dict(state["optimizers"]["main"])
+    if t.xvlm_opt is not None:
+        t.xvlm_opt.load_state_dict(state["optimizers"]["xvlm"])
+    t.schedule.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        t.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    t.progress = Progress(**state["progress"])
+
+
+# --------------------------------------------------------------------------------------------------
+# One epoch
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or a test); the loop stops at the next update boundary. A second signal aborts."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+    @contextmanager
+    def catching(self) -> Iterator[None]:
+        """Install the handlers for the duration of training (main thread only; elsewhere a no-op)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self.reason is not None:  # the second signal: stop now
+                signal.signal(signum, previous[signum])
+                raise KeyboardInterrupt
+            self.reason = signal.Signals(signum).name
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def _any_rank(t: Trainer, *flags: bool) -> list[bool]:
+    """Each flag, true when it is true on any rank (so every process stops at the same update)."""
+    if t.procs.world == 1:
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags], device=t.device)
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def _mean_across(t: Trainer, values: list[float]) -> list[float]:
+    if t.procs.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=t.device)
+    tdist.all_reduce(tensor)
+    return [v / t.procs.world for v in tensor.tolist()]
+
+
+def micro_step(t: Trainer, batch: Any, scale: float, sync: bool) -> float:
+    """Forward and backward of one micro-batch; the loss is multiplied by `scale` before backward.
+
+    Returns the unscaled loss (nan when it is not finite; backward still runs so DDP ranks stay in step).
+    """
+    batch = batch.to(t.device, non_blocking=True)
+    ddp = isinstance(t.wrapped, nn.parallel.DistributedDataParallel)
+    # Gradients are all-reduced once per update, on its last micro-batch, not after every micro-batch.
+    with t.wrapped.no_sync() if ddp and not sync else nullcontext():
+        with t.precision.autocast(t.device):
+            output = t.wrapped(batch)
+        loss, _parts = t.model.loss(output, batch.targets)
+        t.scaler.scale(loss * scale).backward()
+    value = loss.item()
+    return value if math.isfinite(value) else math.nan
+
+
+def optimizer_step(t: Trainer) -> float:
+    """Unscale, clip, step both optimizers and the schedule; returns the gradient norm before clipping.
+
+    Without a grad scaler a non-finite norm means divergence: nothing is stepped and the caller stops.
+    (With fp16's scaler an overflow is expected now and then; the scaler skips that step and lowers its scale.)
+    """
+    for opt in t.optimizers:
+        t.scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.optim.clip_norm).item()
+    if math.isfinite(norm) or t.scaler.is_enabled():
+        for opt in t.optimizers:
+            t.scaler.step(opt)
+        t.scaler.update()
+        t.schedule.step()
+        t.progress.step += 1
+    for opt in t.optimizers:
+        opt.zero_grad(set_to_none=True)
+    return norm
+
+
+@dataclass
+class EpochOutcome:
+    """How an epoch ended: completed, or stopped early by a signal, a step limit or divergence."""
+
+    train_loss: float
+    samples: int
+    seconds: float
+    stopped: str | None = None  # "interrupted" | "diverged"
+    message: str = ""
+
+
+def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, stop_after: int | None) -> EpochOutcome:
+    """Train on the rest of the current epoch (from `t.progress.batch`), one accumulation group at a time."""
+    cfg, prog = t.cfg, t.progress
+    group = cfg.train.update_freq * cfg.optim.gradient_accumulation_steps
+    total = prog.batch + len(loader)  # micro-batches in the whole epoch
+    t.model.train()
+    losses: list[float] = []
+    samples, started = 0, time.perf_counter()
+    window = (0, 0, started)  # (micro-batches, first loss index, time) since the last step record
+
+    def outcome(stopped: str | None = None, message: str = "") -> EpochOutcome:
+        finite = [v for v in losses if math.isfinite(v)]
+        (mean,) = _mean_across(t, [sum(finite) / max(1, len(finite))]) if stopped is None else (math.nan,)
+        return EpochOutcome(mean, samples, time.perf_counter() - started, stopped, message)
+
+    for batch in loader:
+        group_start = prog.batch - prog.batch % group
+        in_group = min(group, total - group_start)  # the last group of an epoch may be short
+        last_of_group = prog.batch - group_start == in_group - 1
+        losses.append(micro_step(t, batch, 1.0 / in_group, sync=last_of_group))
+        samples += len(batch) * t.procs.world
+        prog.batch += 1
+        ui.advance(losses[-1], len(batch) * t.procs.world)
+        if not last_of_group:
+            continue
+        bad_loss, interrupted = _any_rank(t, math.isnan(sum(losses[-in_group:])), bool(stop))
+        if bad_loss:
+            return outcome("diverged", f"the loss became nan/inf at step {prog.step + 1} (epoch {prog.epoch + 1})")
+        norm = optimizer_step(t)
+        if not math.isfinite(norm) and not t.scaler.is_enabled():
+            return outcome("diverged", f"the gradient norm became {norm} at step {prog.step + 1}")
+        if prog.step % cfg.train.log_every == 0:
+            count, first, since = len(losses) - window[1], window[1], window[2]
+            (mean_loss,) = _mean_across(t, [sum(losses[first:]) / count])
+            rate = count * cfg.train.batch_size * t.procs.world / (time.perf_counter() - since)
+            ui.step_record(
+                step=prog.step, epoch=prog.epoch + 1, loss=mean_loss, lr=t.main_opt.param_groups[0]["lr"],
+                xvlm_lr=t.xvlm_opt.param_groups[0]["lr"] if t.xvlm_opt is not None else None, grad_norm=norm,
+                samples_per_s=rate,
+            )  # fmt: skip
+            window = (0, len(losses), time.perf_counter())
+        if interrupted or (stop_after is not None and prog.step >= stop_after):
+            return outcome("interrupted", f"stopped by {stop.reason or f'the step limit {stop_after}'}")
+    return outcome()
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+
+
+def validate(t: Trainer, val_set: VQADataset) -> dict[str, float]:
+    """Validation accuracy per branch, fused, ens and bound, over every validation question (all ranks)."""
+    loader = make_batches(val_set, t.cfg, t.procs, epoch=0, train=False)
+    result = evaluate(t.model, loader, val_set, device=t.device, autocast=partial(t.precision.autocast, t.device))
+    table = result.table
+    assert table is not None
+    if t.procs.world > 1:
+        gathered: list[Any] = [None] * t.procs.world
+        tdist.all_gather_object(gathered, table.state())
+        table = AccuracyTable.from_state(gathered[0])
+        for state in gathered[1:]:
+            table.merge(AccuracyTable.from_state(state))
+    return table.accuracy() or {}
+
+
+def _save(t: Trainer, run_dir: Path, spec: dict[str, int], vocab: str, best: bool) -> None:
+    if not t.procs.main:
+        return
+    last = run_dir / "checkpoints" / "last.pt"
+    save_checkpoint(last, checkpoint_state(t, spec, vocab))
+    if best:
+        tmp = last.with_name(".best.pt.tmp")
+        shutil.copyfile(last, tmp)
+        os.replace(tmp, last.with_name("best.pt"))
+
+
+def _end_epoch(t: Trainer, outcome: EpochOutcome, val: dict[str, float], ui: TrainUI) -> bool:
+    """Record the epoch, update best/patience; True when the fused accuracy improved."""
+    prog = t.progress
+    score = val.get("fused", math.nan)
+    improved = prog.best_score is None or score > prog.best_score
+    if improved:
+        prog.best_score, prog.best_epoch, prog.bad_epochs = score, prog.epoch + 1, 0
+    else:
+        prog.bad_epochs += 1
+    ui.epoch_record(
+        prog.epoch + 1, t.cfg.train.epochs, prog.step, outcome.train_loss, outcome.samples, outcome.seconds, val,
+        improved,
+    )  # fmt: skip
+    return improved
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    data_dir: Path,
+    resume: bool = False,
+    console: Console | None = None,
+    stop_after_steps: int | None = None,
+    preset: str = "",
+) -> TrainResult:
+    """Train `cfg` on the processed folder `data_dir`, writing into `run_dir` (see the module docstring).
+
+    Args:
+        stop_after_steps: behave as if interrupted after this many optimizer steps (tests, smoke runs).
+
+    Raises:
+        ConfigError / DataError: bad settings or data, before anything is trained.
+    """
+    procs = start_processes(cfg.train.device)
+    one_device = procs.world == 1 or cfg.train.device == "cpu" or not torch.cuda.is_available()
+    device = pick_device(cfg.train.device if one_device else f"cuda:{procs.local_rank}")
+    precision = pick_precision(device, cfg.memory.mixed_precision)
+    seed_everything(cfg.train.seed)
+    train_set = open_split(cfg, data_dir, cfg.data.train_split, cfg.data.train_limit)
+    val_set = open_split(cfg, data_dir, cfg.data.val_split, cfg.data.val_limit)
+    spec = train_set.spec()
+    model = build_model(cfg, spec).to(device)
+    micro_batches = math.ceil(math.ceil(len(train_set) / procs.world) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(micro_batches / (cfg.train.update_freq * cfg.optim.gradient_accumulation_steps))
+    t = make_trainer(cfg, model, steps_per_epoch, device, precision, procs)
+    vocab = vocab_checksum(data_dir)
+    spec_sizes = {k: getattr(spec, k) for k in ("num_words", "num_answers", "num_graph_tokens", "feature_dim")}
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"--resume: {run_dir} has no checkpoints/last.pt to continue from")
+        restore(t, load_checkpoint(last, map_location=device), vocab, last)
+    if procs.rank and not resume:
+        torch.manual_seed(cfg.train.seed + procs.rank)  # same initial weights (DDP broadcasts), own dropout noise
+    ui = TrainUI(run_dir, procs.main, console, resume=resume)
+    if procs.main and not resume:
+        (run_dir / "config.yaml").write_text(dump_config(cfg, header=f"resolved config of this run ({preset})"))
+    baseline = majority_baseline(train_set, val_set)
+    position = (t.progress.epoch, t.progress.batch, t.progress.step)
+    counts = parameter_counts(model)
+    ui.start(cfg, device, procs.world, position, counts, precision, len(train_set), len(val_set), baseline, data_dir)
+    return _run_epochs(t, train_set, val_set, ui, run_dir, spec_sizes, vocab, baseline, stop_after_steps)
+
+
+def _run_epochs(
+    t: Trainer,
+    train_set: VQADataset,
+    val_set: VQADataset,
+    ui: TrainUI,
+    run_dir: Path,
+    spec: dict[str, int],
+    vocab: str,
+    baseline: float | None,
+    stop_after: int | None,
+) -> TrainResult:
+    cfg, prog, stop = t.cfg, t.progress, StopFlag()
+    status, message, val = "finished", "", None
+    started = time.perf_counter() - prog.elapsed_s
+    with stop.catching():
+        while prog.epoch < cfg.train.epochs:
+            skip = prog.batch * cfg.train.batch_size
+            loader = make_batches(train_set, cfg, t.procs, epoch=prog.epoch, train=True, skip=skip)
+            ui.begin_epoch(prog.epoch, prog.batch, prog.batch + len(loader))
+            outcome = train_epoch(t, loader, ui, stop, stop_after)
+            prog.elapsed_s = time.perf_counter() - started
+            if outcome.stopped == "diverged":
+                status, message = "diverged", outcome.message
+                break
+            if outcome.stopped == "interrupted":
+                _save(t, run_dir, spec, vocab, best=False)
+                status, message = "interrupted", outcome.message
+                break
+            val = validate(t, val_set)
+            improved = _end_epoch(t, outcome, val, ui)
+            prog.epoch, prog.batch = prog.epoch + 1, 0
+            prog.elapsed_s = time.perf_counter() - started
+            _save(t, run_dir, spec, vocab, best=improved)
+            if cfg.train.patience is not None and prog.bad_epochs >= cfg.train.patience:
+                status = "early_stopped"
+                message = f"no better validation accuracy for {prog.bad_epochs} epochs (train.patience)"
+                break
+            if stop:
+                status, message = "interrupted", f"stopped by {stop.reason}"
+                break
+    result = TrainResult(
+        run_dir=run_dir, status=status, message=message, best_score=prog.best_score, best_epoch=prog.best_epoch,
+        steps=prog.step, elapsed_s=prog.elapsed_s, peak_memory_mib=peak_memory_mib(t.device), baseline=baseline,
+        last_val=val,
+    )  # fmt: skip
+    ui.finish(result)
+    return result
+
+
+def default_run_dir(preset: str, root: Path = Path("runs")) -> Path:
+    """runs/<date>-<time>-<preset>, unique."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = root / f"{stamp}-{preset or 'run'}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{preset or 'run'}-{n}"
+    return path
+
+
+def majority_baseline(train_set: VQADataset, val_set: VQADataset) -> float | None:
+    """Validation accuracy of always giving the most frequent training answer (None without validation answers)."""
+    counts = Counter(r["answer"] for r in train_set.records if r.get("answer"))
+    if not counts or val_set.records[0].get("answer") is None:
+        return None
+    answer = counts.most_common(1)[0][0]
+    if train_set.manifest["dataset"].upper() == "VQA":
+        scores = [vqa_accuracy(answer, r["answers"]) for r in val_set.records]
+    else:
+        scores = [gqa_accuracy(answer, r["answer"]) for r in val_set.records]
+    return sum(scores) / len(scores)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (for tests and quick looks; `isubg report` parses it fully)."""
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,183 @@
+"""The trainer on the tiny demo data: run directory, reproducibility, exact resume, NaN stop, early stopping,
+accumulation, mixed precision, and the schedule."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from rich.console import Console
+
+from isubg.checkpoint import load_checkpoint
+from isubg.config import RunConfig
+from isubg.data.dataset import collate
+from isubg.device import Precision
+from isubg.models.fusion import FusedModel
+from isubg.resolve import resolve_config
+from isubg.train import (
+    Processes,
+    ban_multiplier,
+    make_trainer,
+    micro_step,
+    open_split,
+    read_metrics,
+    train,
+)
+
+TINY = [
+    "model.xvlm.hidden_size=32", "model.xvlm.num_heads=2", "model.xvlm.intermediate_size=64",
+    "model.xvlm.num_text_layers=1", "model.xvlm.num_cross_layers=1", "num_hid=64", "general_hidden_dim=32",
+    "AOA_layers=1", "mgat_layers=2",
+]  # fmt: skip
+FAST = [*TINY, "data.train_limit=48", "data.val_limit=24", "batch_size=8", "update_freq=1", "train.log_every=1"]
+
+
+def config(*sets: str) -> RunConfig:
+    return resolve_config("demo", sets=[*FAST, *sets]).config
+
+
+def run(cfg: RunConfig, run_dir: Path, data: Path, **kwargs: Any) -> Any:
+    return train(cfg, run_dir, data_dir=data, console=Console(file=io.StringIO()), **kwargs)
+
+
+def weights(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / f"{name}.pt")["model"]
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def gqa(tiny_demo: Path) -> Path:
+    return tiny_demo / "processed" / "gqa"
+
+
+def test_run_directory_holds_config_metrics_log_summary_and_checkpoints(gqa: Path, tmp_path: Path) -> None:
+    result = run(config("epochs=2"), tmp_path / "run", gqa)
+    run_dir = tmp_path / "run"
+    assert result.status == "finished" and result.steps == 12
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "summary.json", "checkpoints/last.pt"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    events = [r["event"] for r in read_metrics(run_dir)]
+    assert events[0] == "start" and events[-1] == "end"
+    assert events.count("epoch") == 2 and events.count("step") == 12
+    epoch = next(r for r in read_metrics(run_dir) if r["event"] == "epoch")
+    assert set(epoch["val_acc"]) == {"cfrf", "isubg", "xvlm", "fused", "ens", "bound"}
+    assert epoch["peak_memory_mib"] > 0 and epoch["samples_per_s"] > 0
+    step = next(r for r in read_metrics(run_dir) if r["event"] == "step")
+    assert {"loss", "lr", "xvlm_lr", "samples_per_s", "memory_mib", "grad_norm"} <= set(step)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    saved = resolve_config("default", config_file=run_dir / "config.yaml").config
+    assert RunConfig.model_validate(state["config"]) == saved == config("epochs=2")
+    assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 12
+    assert set(state["optimizers"]) == {"main", "xvlm"} and len(state["vocab_sha256"]) == 64
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["best_epoch"] in (1, 2)
+    assert 0 <= summary["majority_baseline"] <= 1
+
+
+def test_same_seed_same_weights_other_seed_other_weights(gqa: Path, tmp_path: Path) -> None:
+    run(config(), tmp_path / "a", gqa)
+    run(config(), tmp_path / "b", gqa)
+    run(config("seed=7"), tmp_path / "c", gqa)
+    assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert not same(weights(tmp_path / "a"), weights(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("stop_at", [2, 4], ids=["inside-epoch-1", "inside-epoch-2"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(gqa: Path, tmp_path: Path, stop_at: int) -> None:
+    # update_freq 2 over 6 micro-batches per epoch: 3 updates an epoch, so both stops fall inside an epoch.
+    cfg = config("epochs=2", "update_freq=2")
+    whole = run(cfg, tmp_path / "whole", gqa)
+    first = run(cfg, tmp_path / "split", gqa, stop_after_steps=stop_at)
+    assert first.status == "interrupted" and first.steps == stop_at
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["progress"]["step"] == stop_at
+    second = run(cfg, tmp_path / "split", gqa, resume=True)
+    assert second.status == "finished" and second.steps == whole.steps == 6
+    assert same(weights(tmp_path / "whole"), weights(tmp_path / "split"))
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["optimizers"]["main"]["state"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["optimizers"]["main"]["state"]
+    assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
+    events = [r["event"] for r in read_metrics(tmp_path / "split")]
+    assert "resume" in events and events[-1] == "end"
+
+
+def test_resume_without_a_checkpoint_is_a_config_error(gqa: Path, tmp_path: Path) -> None:
+    from isubg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no checkpoints/last\.pt"):
+        run(config(), tmp_path / "nothing", gqa, resume=True)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_loss = FusedModel.loss
+    calls = {"n": 0}
+
+    def poisoned(self: FusedModel, output: Any, targets: torch.Tensor) -> Any:
+        calls["n"] += 1
+        total, parts = real_loss(self, output, targets)
+        return (total * math.nan if calls["n"] == 8 else total), parts  # micro-batch 8 = epoch 2, step 8
+
+    monkeypatch.setattr(FusedModel, "loss", poisoned)
+    result = run(config("epochs=3"), tmp_path / "run", gqa)
+    assert result.status == "diverged" and "nan" in result.message and "step 8" in result.message
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert read_metrics(tmp_path / "run")[-1]["status"] == "diverged"
+
+
+def test_patience_stops_when_validation_accuracy_stops_improving(gqa: Path, tmp_path: Path) -> None:
+    # A learning rate too small to move a prediction: accuracy never improves after epoch 1.
+    result = run(config("epochs=6", "train.patience=2", "lr=1e-12", "xvlm_lr=1e-12"), tmp_path / "run", gqa)
+    assert result.status == "early_stopped" and result.best_epoch == 1
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run") if r["event"] == "epoch"] == [1, 2, 3]
+
+
+def test_accumulated_micro_batches_give_the_big_batch_gradient(gqa: Path) -> None:
+    cfg = config("model.branches=[cfrf]", "dropout=0.0")
+    data = open_split(cfg, gqa, "train", 16)
+    torch.manual_seed(0)
+    from isubg.models import build_model
+
+    model = build_model(cfg, data.spec()).eval()  # eval: no dropout, so both paths compute the same function
+    t = make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes())
+    samples = [data[i] for i in range(16)]
+    micro_step(t, collate(samples, data.num_answers), 1.0, sync=True)
+    big = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for half in (samples[:8], samples[8:]):
+        micro_step(t, collate(half, data.num_answers), 0.5, sync=True)
+    for name, grad in big.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_path_trains_on_cpu(gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPUs without native bf16 train in fp32 (see isubg.device); force the autocast path to test its logic here.
+    import isubg.train as train_module
+
+    forced = Precision(torch.bfloat16, False, "bf16 autocast (forced by the test)")
+    monkeypatch.setattr(train_module, "pick_precision", lambda device, mixed: forced)
+    result = run(config("data.train_limit=16", "mixed_precision=true"), tmp_path / "run", gqa)
+    assert result.status == "finished"
+    start = read_metrics(tmp_path / "run")[0]
+    assert start["precision"] == "bf16"
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if r["event"] == "step")
+
+
+def test_ban_schedule_equals_the_reference_at_twenty_epochs() -> None:
+    # MGHR's per-epoch multipliers of lr (mghr_system.md 2.4): warm-up, hold at 2x, x0.25 every 2 epochs from 10.
+    expected = [0.5, 1.0, 1.5, 2.0] + [2.0] * 6 + [0.5, 0.5, 0.125, 0.125, 2 / 4**3, 2 / 4**3, 2 / 4**4, 2 / 4**4]
+    expected += [2 / 4**5, 2 / 4**5]
+    assert [ban_multiplier(e * 7, 7, 20) for e in range(20)] == expected
+    # Ten epochs: the same shape in half the epochs.
+    assert [ban_multiplier(e * 7, 7, 10) for e in range(10)] == expected[::2]
