@@ -5,7 +5,7 @@ They carry a message that already names the file, record or key at fault, so no 
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "IsubgError"]
+__all__ = ["ConfigError", "DataError", "IsubgError", "ResourceError"]
 
 
 class IsubgError(Exception):
@@ -18,3 +18,7 @@ class ConfigError(IsubgError, ValueError):
 
 class DataError(IsubgError, ValueError):
     """A data file is missing, malformed or inconsistent. The message names the file and the record."""
+
+
+class ResourceError(IsubgError, RuntimeError):
+    """The machine ran out of something the run needs (device memory). The message says what to change."""

@@ -25,6 +25,7 @@ Only rank 0 writes files and prints; metrics are reduced across ranks.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from isubg.config import RunConfig
 from isubg.data.dataset import VQADataset, collate
 from isubg.data.order import EpochOrder
 from isubg.device import Precision, peak_memory_mib, pick_device, pick_precision
-from isubg.errors import ConfigError
+from isubg.errors import ConfigError, ResourceError
 from isubg.evaluate import evaluate
 from isubg.metrics import AccuracyTable, gqa_accuracy, vqa_accuracy
 from isubg.models import build_model, parameter_counts
@@ -88,6 +89,41 @@ class Processes:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def fit_micro_batch(cfg: RunConfig, spec: Any, device: torch.device, data_dir: Path) -> str | None:
+    """memory.dynamic_batch_size before training: the largest micro-batch that fits, the effective batch kept.
+
+    On CUDA the memory model (isubg.memory) sizes the worst-case input (max_boxes boxes, the data's largest
+    graph) against max_memory_usage x the device's memory and picks the largest micro-batch that divides the
+    samples per update; `cfg` is changed in place. Returns a line for the log, or None when off.
+
+    Raises:
+        ResourceError: not even a micro-batch of 1 fits.
+    """
+    if not cfg.memory.dynamic_batch_size:
+        return None
+    if device.type != "cuda":
+        return "dynamic_batch_size: no device memory to fit on the CPU; the micro-batch stays, OOM recovery is on"
+    from isubg.memory import WorstCase, estimate, largest_graph
+
+    model = estimate(cfg, spec, WorstCase.for_config(cfg, spec, graph=largest_graph(data_dir), source="data"))
+    total = torch.cuda.get_device_properties(device).total_memory
+    fitted = model.largest_exact_batch(total, cfg.memory.max_memory_usage)
+    if fitted == 0:
+        raise ResourceError(
+            f"memory.dynamic_batch_size: not even a micro-batch of 1 fits in {cfg.memory.max_memory_usage:.0%} of "
+            f"{total / 2**30:.1f} GiB; see `isubg profile-memory` for what to change"
+        )
+    old = cfg.train.batch_size
+    if fitted >= old:
+        return f"dynamic_batch_size: micro-batch {old} fits (estimate {model.total(old) / 2**30:.2f} GiB)"
+    cfg.optim.gradient_accumulation_steps = model.accumulation_for(fitted)
+    cfg.train.batch_size = fitted
+    return (
+        f"dynamic_batch_size: micro-batch {old} needs {model.total(old) / 2**30:.2f} GiB; using {fitted} x "
+        f"accumulation {cfg.optim.gradient_accumulation_steps} (same effective batch)"
+    )
 
 
 def start_processes(device_setting: str) -> Processes:
@@ -372,6 +408,47 @@ def optimizer_step(t: Trainer) -> float:
     return norm
 
 
+def out_of_memory(t: Trainer) -> None:
+    """Drop the interrupted group's gradients and free the cache, or explain why the run cannot go on.
+
+    Raises:
+        ResourceError: memory.dynamic_batch_size is off, the micro-batch is already 1, or the run is
+            distributed (every rank would have to agree on the new size mid-step).
+    """
+    cfg = t.cfg
+    for opt in t.optimizers:
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if t.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not cfg.memory.dynamic_batch_size or cfg.train.batch_size == 1 or t.procs.world > 1:
+        why = (
+            "memory.dynamic_batch_size is off" if not cfg.memory.dynamic_batch_size
+            else "the micro-batch is already 1" if cfg.train.batch_size == 1
+            else "OOM recovery is not available in distributed runs"
+        )  # fmt: skip
+        raise ResourceError(
+            f"out of {t.device.type.upper()} memory at micro-batch size {cfg.train.batch_size} ({why}). Turn on "
+            "memory.dynamic_batch_size, lower train.batch_size (raising optim.gradient_accumulation_steps keeps "
+            "the effective batch), or see `isubg profile-memory` for what fits; checkpoints/last.pt is kept"
+        )
+
+
+def halve_micro_batch(t: Trainer) -> tuple[int, int]:
+    """The largest divisor of the micro-batch up to half of it, with accumulation raised to keep the effective batch.
+
+    Progress is kept in micro-batches of the current size, so the position is rescaled (exactly: the new size
+    divides the old one). Returns the new (batch_size, gradient_accumulation_steps).
+    """
+    train_cfg, optim_cfg, prog = t.cfg.train, t.cfg.optim, t.progress
+    old = train_cfg.batch_size
+    new = max(d for d in range(1, old // 2 + 1) if old % d == 0)
+    optim_cfg.gradient_accumulation_steps *= old // new
+    train_cfg.batch_size = new
+    prog.batch = prog.batch * old // new
+    return new, optim_cfg.gradient_accumulation_steps
+
+
 @dataclass
 class EpochOutcome:
     """How an epoch ended: completed, or stopped early by a signal, a step limit or divergence."""
@@ -379,7 +456,7 @@ class EpochOutcome:
     train_loss: float
     samples: int
     seconds: float
-    stopped: str | None = None  # "interrupted" | "diverged"
+    stopped: str | None = None  # "interrupted" | "diverged" | "oom" (redo the group at a smaller micro-batch)
     message: str = ""
 
 
@@ -402,7 +479,12 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
         group_start = prog.batch - prog.batch % group
         in_group = min(group, total - group_start)  # the last group of an epoch may be short
         last_of_group = prog.batch - group_start == in_group - 1
-        losses.append(micro_step(t, batch, 1.0 / in_group, sync=last_of_group))
+        try:
+            losses.append(micro_step(t, batch, 1.0 / in_group, sync=last_of_group))
+        except torch.OutOfMemoryError:
+            out_of_memory(t)
+            prog.batch = group_start  # the interrupted group is redone from its first sample
+            return outcome("oom", f"out of memory at micro-batch size {cfg.train.batch_size}")
         samples += len(batch) * t.procs.world
         prog.batch += 1
         ui.advance(losses[-1], len(batch) * t.procs.world)
@@ -493,14 +575,20 @@ def train(
     Raises:
         ConfigError / DataError: bad settings or data, before anything is trained.
     """
+    cfg = cfg.model_copy(deep=True)  # dynamic batch sizing may change the micro-batch; the caller's config stays
     procs = start_processes(cfg.train.device)
     one_device = procs.world == 1 or cfg.train.device == "cpu" or not torch.cuda.is_available()
     device = pick_device(cfg.train.device if one_device else f"cuda:{procs.local_rank}")
     precision = pick_precision(device, cfg.memory.mixed_precision)
+    if device.type == "cuda":
+        # Caps PyTorch's caching allocator, so the run raises (and dynamic batch sizing recovers) before it
+        # takes more than its share of a shared card.
+        torch.cuda.set_per_process_memory_fraction(cfg.memory.max_memory_usage, device)
     seed_everything(cfg.train.seed)
     train_set = open_split(cfg, data_dir, cfg.data.train_split, cfg.data.train_limit)
     val_set = open_split(cfg, data_dir, cfg.data.val_split, cfg.data.val_limit)
     spec = train_set.spec()
+    fitted = None if resume else fit_micro_batch(cfg, spec, device, data_dir)  # a resumed run keeps its sizes
     model = build_model(cfg, spec).to(device)
     micro_batches = math.ceil(math.ceil(len(train_set) / procs.world) / cfg.train.batch_size)
     steps_per_epoch = math.ceil(micro_batches / (cfg.train.update_freq * cfg.optim.gradient_accumulation_steps))
@@ -521,6 +609,8 @@ def train(
     position = (t.progress.epoch, t.progress.batch, t.progress.step)
     counts = parameter_counts(model)
     ui.start(cfg, device, procs.world, position, counts, precision, len(train_set), len(val_set), baseline, data_dir)
+    if fitted:
+        ui.log(fitted)
     return _run_epochs(t, train_set, val_set, ui, run_dir, spec_sizes, vocab, baseline, stop_after_steps)
 
 
@@ -545,6 +635,13 @@ def _run_epochs(
             ui.begin_epoch(prog.epoch, prog.batch, prog.batch + len(loader))
             outcome = train_epoch(t, loader, ui, stop, stop_after)
             prog.elapsed_s = time.perf_counter() - started
+            if outcome.stopped == "oom":
+                size, accumulation = halve_micro_batch(t)
+                ui.record("oom", step=prog.step, epoch=prog.epoch + 1, batch_size=size,
+                          gradient_accumulation_steps=accumulation)  # fmt: skip
+                ui.log(f"out of memory: micro-batch {size} x accumulation {accumulation} from here on "
+                       f"(effective batch unchanged); redoing the interrupted update")  # fmt: skip
+                continue
             if outcome.stopped == "diverged":
                 status, message = "diverged", outcome.message
                 break

@@ -131,7 +131,7 @@ def test_full_size_presets_train_an_epoch_on_a_demo_subset(
     preset: str, dataset: str, tiny_demo: Path, tmp_path: Path
 ) -> None:
     result = train_cli("--preset", preset, "--data", str(tiny_demo), "--dataset", dataset, "--epochs", "1",
-                       "--batch-size", "4", *sets("data.train_limit=8", "data.val_limit=8", "data.num_workers=0"),
+                       "--batch-size", "2", *sets("data.train_limit=4", "data.val_limit=4", "data.num_workers=0"),
                        "--output", str(tmp_path / "run"))  # fmt: skip
     assert result.exit_code == 0, result.output
     epoch = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-2]
@@ -185,3 +185,14 @@ def test_torchrun_two_cpu_processes_train_one_run(tiny_demo: Path, tmp_path: Pat
     assert records[-1]["status"] == "finished" and (run_dir / "checkpoints" / "best.pt").is_file()
     # 48 questions / 2 ranks / batch 8 = 3 updates, every one on both ranks
     assert records[-1]["steps"] == 3
+
+
+def test_preset_auto_says_what_it_chose(tiny_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import isubg.gpu
+
+    monkeypatch.setattr(isubg.gpu, "resolve_auto_preset", lambda name: ("demo", "no usable GPU (test) -> demo"))
+    result = train_cli("--preset", "auto", "--data", str(tiny_demo), *sets(*FAST), "--max-steps", "1",
+                       "--output", str(tmp_path / "r"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "--preset auto: no usable GPU (test) -> demo" in result.output
+    assert "(demo)" in (tmp_path / "r" / "config.yaml").read_text().splitlines()[0]

@@ -34,7 +34,7 @@ TINY = [
     "model.xvlm.num_text_layers=1", "model.xvlm.num_cross_layers=1", "num_hid=64", "general_hidden_dim=32",
     "AOA_layers=1", "mgat_layers=2",
 ]  # fmt: skip
-FAST = [*TINY, "data.train_limit=48", "data.val_limit=24", "batch_size=8", "update_freq=1", "train.log_every=1"]
+FAST = [*TINY, "data.train_limit=48", "data.val_limit=16", "batch_size=8", "update_freq=1", "train.log_every=1"]
 
 
 def config(*sets: str) -> RunConfig:
@@ -181,3 +181,87 @@ def test_ban_schedule_equals_the_reference_at_twenty_epochs() -> None:
     assert [ban_multiplier(e * 7, 7, 20) for e in range(20)] == expected
     # Ten epochs: the same shape in half the epochs.
     assert [ban_multiplier(e * 7, 7, 10) for e in range(10)] == expected[::2]
+
+
+def _oom_above(limit: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make every training forward over more than `limit` questions raise the CUDA out-of-memory error."""
+    real_forward = FusedModel.forward
+    seen = {"ooms": 0}
+
+    def forward(self: FusedModel, batch: Any) -> Any:
+        if self.training and len(batch) > limit:
+            seen["ooms"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(FusedModel, "forward", forward)
+    return seen
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_every_update(
+    gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _oom_above(4, monkeypatch)
+    cfg = config("epochs=2", "update_freq=2", "dynamic_batch_size=true")
+    result = run(cfg, tmp_path / "run", gqa)
+    assert seen["ooms"] == 1 and result.status == "finished"
+    assert result.steps == 6, "48 questions / (8 x 2) = 3 updates an epoch, none lost to the OOM"
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    saved = RunConfig.model_validate(state["config"])
+    assert saved.train.batch_size == 4 and saved.optim.gradient_accumulation_steps == 2
+    assert saved.effective_batch == cfg.effective_batch
+    events = read_metrics(tmp_path / "run")
+    oom = next(r for r in events if r["event"] == "oom")
+    assert oom["batch_size"] == 4 and oom["step"] == 0
+    assert cfg.train.batch_size == 8, "the caller's config is not changed"
+
+
+def test_out_of_memory_without_dynamic_batch_size_is_a_clear_error(
+    gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from isubg.errors import ResourceError
+
+    _oom_above(4, monkeypatch)
+    with pytest.raises(ResourceError, match="dynamic_batch_size is off"):
+        run(config(), tmp_path / "run", gqa)
+
+
+def test_halving_picks_a_divisor_and_rescales_the_position() -> None:
+    from isubg.train import Progress, Trainer, halve_micro_batch
+
+    for old, new in [(48, 24), (9, 3), (5, 1), (2, 1)]:
+        cfg = config(f"batch_size={old}", "gradient_accumulation_steps=2")
+        t = Trainer.__new__(Trainer)
+        t.cfg, t.progress = cfg, Progress(batch=4)
+        assert halve_micro_batch(t) == (new, 2 * old // new)
+        assert t.progress.batch * new == 4 * old
+
+
+def test_dynamic_batch_size_fits_the_micro_batch_before_training_on_cuda(
+    gqa: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CUDA sizing logic with the device and the memory model faked: 13 fits, 12 is the largest divisor of 24.
+    import isubg.memory
+    from isubg.train import fit_micro_batch
+
+    class Model:
+        def largest_exact_batch(self, total: int, fraction: float) -> int:
+            assert total == 80 * 2**30 and fraction == 0.8
+            return 12
+
+        def accumulation_for(self, batch: int) -> int:
+            return 24 * 1 // batch
+
+        def total(self, batch: int) -> int:
+            return batch * 2**30
+
+    monkeypatch.setattr(isubg.memory, "estimate", lambda cfg, spec, worst: Model())
+    props = type("Props", (), {"total_memory": 80 * 2**30})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cfg = config("batch_size=24", "dynamic_batch_size=true", "max_memory_usage=0.8")
+    line = fit_micro_batch(cfg, None, torch.device("cuda"), gqa)
+    assert cfg.train.batch_size == 12 and cfg.optim.gradient_accumulation_steps == 2
+    assert line is not None and "using 12 x accumulation 2" in line
+    assert fit_micro_batch(config(), None, torch.device("cuda"), gqa) is None, "off by default"
+    cpu = fit_micro_batch(config("dynamic_batch_size=true"), None, torch.device("cpu"), gqa)
+    assert cpu is not None and "CPU" in cpu

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from isubg import __version__
-from isubg.cli import data, eval, preset, report, train
+from isubg.cli import data, eval, gpu, preset, profile_memory, report, train
 
 app = typer.Typer(
     name="isubg",
@@ -25,6 +25,8 @@ app.add_typer(data.app, name="data")
 app.command("train")(train.train)
 app.command("eval")(eval.evaluate_run)
 app.command("report")(report.report)
+app.command("gpu")(gpu.gpu)
+app.command("profile-memory")(profile_memory.profile_memory)
 
 
 def _version(value: bool) -> None:

@@ -20,7 +20,8 @@ PresetOpt = Annotated[
         "--preset",
         "-p",
         metavar="NAME",
-        help="Preset (isubg preset list) or a YAML file; default: demo on the embedded demo data, else default.",
+        help="Preset (isubg preset list), a YAML file, or auto (chosen from the GPU memory NVML reports); "
+        "default: demo on the embedded demo data, else default.",
     ),
 ]
 DataOpt = Annotated[
@@ -105,6 +106,11 @@ def train(
             if not config.is_file():
                 raise ConfigError(f"--resume: {resume} has no config.yaml; is it an isubg run directory?")
         name = preset or ("default" if data is not None or resume is not None else "demo")
+        if name == "auto":
+            from isubg.gpu import resolve_auto_preset
+
+            name, why = resolve_auto_preset(name)
+            err_console().print(f"--preset auto: {why}", highlight=False, markup=False)
         resolved = resolve_config(name, config_file=config, sets=sets, flags=flags)
         cfg = resolved.config
         procs = start_processes(cfg.train.device)
