@@ -305,6 +305,10 @@ def restore(t: Trainer, state: dict[str, Any], vocab: str, where: Path) -> None:
     """
     if state.get("vocab_sha256") != vocab:
         raise ConfigError(f"{where}: trained on a different dictionary/answer list than {t.cfg.data.root}")
+    # The micro-batch geometry is the checkpoint's: dynamic batch sizing may have changed it during the run,
+    # and the saved position counts micro-batches of that size.
+    t.cfg.train.batch_size = state["config"]["train"]["batch_size"]
+    t.cfg.optim.gradient_accumulation_steps = state["config"]["optim"]["gradient_accumulation_steps"]
     t.model.load_state_dict(state["model"])
     t.main_opt.load_state_dict(state["optimizers"]["main"])
     if t.xvlm_opt is not None:
@@ -641,6 +645,10 @@ def _run_epochs(
                           gradient_accumulation_steps=accumulation)  # fmt: skip
                 ui.log(f"out of memory: micro-batch {size} x accumulation {accumulation} from here on "
                        f"(effective batch unchanged); redoing the interrupted update")  # fmt: skip
+                if t.procs.main:
+                    (run_dir / "config.yaml").write_text(
+                        dump_config(cfg, header="resolved config of this run (after OOM)")
+                    )
                 continue
             if outcome.stopped == "diverged":
                 status, message = "diverged", outcome.message

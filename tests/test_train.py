@@ -214,6 +214,18 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_every_update(
     oom = next(r for r in events if r["event"] == "oom")
     assert oom["batch_size"] == 4 and oom["step"] == 0
     assert cfg.train.batch_size == 8, "the caller's config is not changed"
+    assert "batch_size: 4" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_run_shrunk_by_an_oom_resumes_with_its_new_micro_batch(
+    gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _oom_above(4, monkeypatch)
+    cfg = config("epochs=2", "update_freq=2", "dynamic_batch_size=true")
+    assert run(cfg, tmp_path / "run", gqa, stop_after_steps=4).status == "interrupted"
+    # The original config (micro-batch 8) is what a user would pass again; the checkpoint's geometry wins.
+    result = run(cfg, tmp_path / "run", gqa, resume=True)
+    assert result.status == "finished" and result.steps == 6
 
 
 def test_out_of_memory_without_dynamic_batch_size_is_a_clear_error(
