@@ -93,12 +93,13 @@ _CONTRACTIONS = {
 _FULL_AGREEMENT = 3  # humans needed (among the other annotators) for full marks
 
 
-def process_punctuation(text: str) -> str:
+def process_punctuation(text: str, max_periods: int = _PERIOD_COUNT) -> str:
     """The official punctuation rule.
 
     Each punctuation character is deleted when it touches a space in the ORIGINAL text (or when the text
     holds a comma between digits), otherwise replaced by a space; then periods not followed by a digit are
-    removed (at most 32 of them, as in the official script). Case and surrounding spaces are kept.
+    removed (at most `max_periods` of them: 32 in the official script; 0 removes them all, as the training
+    targets' answer processing does). Case and surrounding spaces are kept.
     """
     number_comma = _COMMA_IN_NUMBER.search(text) is not None
     out = text
@@ -107,7 +108,7 @@ def process_punctuation(text: str) -> str:
             out = out.replace(char, "")
         else:
             out = out.replace(char, " ")
-    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
+    return _PERIOD.sub("", out, count=max_periods)
 
 
 def _digits_and_articles(text: str) -> str:

@@ -16,7 +16,6 @@ This module is plain Python and numpy (no torch), so vocabularies can be built a
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
+
+from isubg.metrics import process_punctuation
 
 __all__ = [
     "GQA_MIN_COUNT",
@@ -46,43 +47,6 @@ __all__ = [
 # training questions (about 3,100 answers); GQA's answer set is small and closed, so keep them all.
 VQA_MIN_COUNT = 9
 GQA_MIN_COUNT = 1
-
-# The official evaluation's punctuation set, in its order. Apostrophes and colons are not in it, so
-# "don't" and "10:30" survive; periods are handled separately because of decimal numbers.
-_PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
-
-# A comma between two digits ("3,000"). Its presence anywhere in the answer makes every punctuation
-# character be deleted rather than replaced by a space, so thousands separators vanish without splitting
-# the number. The rule is applied to the whole answer exactly as the official evaluator does.
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-
-# The official period pattern is written `(?!<=\d)(\.)(?!\d)`: its intended look-behind is actually a
-# look-ahead that can never match at a ".", so in effect it removes every period not followed by a
-# digit. We reproduce that effective behaviour so our scores agree with the official evaluator:
-# "a.m." -> "am", "end." -> "end", while "1.5" and "0.25" keep their decimal point.
-_PERIOD = re.compile(r"\.(?!\d)")
 
 _NUMBER_WORDS = {
     "none": "0",
@@ -186,19 +150,11 @@ _FULL_AGREEMENT = 3
 
 
 def _strip_punctuation(text: str) -> str:
-    """Apply the official punctuation rule, then drop periods that are not decimal points."""
+    """Apply the official punctuation rule (isubg.metrics), then drop every period that is not a decimal point."""
     # Every decision looks at the text as it came in, not at the partly processed result, as the official
-    # evaluator does. It matters: in "ab(-cd-ef" the "(" becomes a space, and judging "-" on that result
-    # would delete every "-" ("ab cdef") instead of spacing them ("ab cd ef").
-    number_comma = _COMMA_IN_NUMBER.search(text) is not None
-    out = text
-    for char in _PUNCTUATION:
-        if number_comma or f"{char} " in text or f" {char}" in text:
-            out = out.replace(char, "")
-        else:
-            # Glued punctuation separates words ("t-shirt" -> "t shirt", "yes!" -> "yes ").
-            out = out.replace(char, " ")
-    return _PERIOD.sub("", out)
+    # evaluator does: in "ab(-cd-ef" the "(" becomes a space, and judging "-" on that result would delete every
+    # "-" ("ab cdef") instead of spacing them ("ab cd ef"). Unlike the evaluator, no 32-period cap.
+    return process_punctuation(text, max_periods=0)
 
 
 def _map_words(text: str) -> str:
