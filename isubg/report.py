@@ -31,7 +31,17 @@ from typing import Any
 
 from isubg.errors import DataError
 
-__all__ = ["ACC_ORDER", "PLOT_NAMES", "RunMetrics", "best_epoch", "epoch_table", "plot", "read_metrics", "summary"]
+__all__ = [
+    "ACC_ORDER",
+    "PLOT_NAMES",
+    "RunMetrics",
+    "best_epoch",
+    "epoch_table",
+    "plot",
+    "read_metrics",
+    "save_png",
+    "summary",
+]
 
 # Accuracy keys in display order; names not listed here (a future branch) follow in order of appearance.
 ACC_ORDER = ("cfrf", "isubg", "xvlm", "fused", "ens", "bound")
@@ -327,11 +337,16 @@ def plot(metrics: RunMetrics, out_dir: Path | str) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
         draw(ax, metrics)
         ax.set_title(f"{metrics.run_dir.name}: {title}", loc="left", fontsize=10)
-        written.append(_save_png(fig, out_dir / name))
+        written.append(save_png(fig, out_dir / name))
     return written
 
 
-def _save_png(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure to `path` as PNG atomically (temporary name in the same folder, then rename).
+
+    Raises:
+        DataError: the folder cannot be written.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)

@@ -10,7 +10,6 @@ the estimate; --plot draws memory against the micro-batch per branch with the de
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -231,10 +230,9 @@ def _print_verdict(report: dict[str, Any], say: Any) -> None:
 
 def _plot(est: MemoryEstimate, device_bytes: int | None, path: Path) -> None:
     """Stacked memory per branch against the micro-batch, with the budget and device lines (atomic PNG write)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from isubg.errors import DataError
+    from isubg.report import save_png  # attaches the Agg canvas and writes atomically
 
     batch = est.batch_size
     top = max(2 * batch, 8)
@@ -246,7 +244,6 @@ def _plot(est: MemoryEstimate, device_bytes: int | None, path: Path) -> None:
     overhead = [(est.total(x) - est.allocated(x)) / _GIB for x in xs]
     layers += [("inputs + transient", shared), ("allocator + CUDA context", overhead)]
     fig = Figure(figsize=(8, 5))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.stackplot(xs, *[ys for _, ys in layers], labels=[name for name, _ in layers], alpha=0.85)
     if device_bytes is not None:
@@ -255,14 +252,7 @@ def _plot(est: MemoryEstimate, device_bytes: int | None, path: Path) -> None:
     ax.axvline(batch, color="black", linestyle=":", label=f"micro-batch {batch}")
     ax.set(xlabel="micro-batch size", ylabel="GiB", title="Estimated peak training memory (worst-case input)")
     ax.legend(loc="upper left", fontsize="small")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_png(fig, path)
 
 
 @seed_flags
