@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from test_imports import assert_torch_not_imported
 from typer.testing import CliRunner
 
 import isubg.gpu as gpu_mod
@@ -442,11 +442,4 @@ def test_cli_real_machine(runner: CliRunner) -> None:
 
 @pytest.mark.parametrize("args", [["gpu"], ["gpu", "--json"]], ids=["table", "json"])
 def test_cli_does_not_import_torch(args: list[str]) -> None:
-    code = (
-        "import sys; from typer.testing import CliRunner; from isubg.cli import app; "
-        f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "
-        "print('torch' in sys.modules)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert_torch_not_imported(args)

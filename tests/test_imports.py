@@ -107,6 +107,11 @@ def test_imports_flow_one_way(path: Path) -> None:
     ids=["import", "help", "list", "show", "show-json", "data-help"],
 )
 def test_front_door_does_not_import_torch(args: list[str] | None) -> None:
+    assert_torch_not_imported(args)
+
+
+def assert_torch_not_imported(args: list[str] | None) -> None:
+    """In a fresh interpreter, `import isubg.cli` (args None) or `isubg ARGS` succeeds without importing torch."""
     if args is None:
         code = "import sys, isubg, isubg.cli; print('torch' in sys.modules)"
     else:

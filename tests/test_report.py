@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_imports import assert_torch_not_imported
 from typer.testing import CliRunner
 
 from isubg.cli import app
@@ -320,11 +319,4 @@ def test_cli_user_errors_exit_2(runner: CliRunner, tmp_path: Path, case: str) ->
 
 def test_report_does_not_import_torch(tmp_path: Path) -> None:
     run = _write_run(tmp_path, _finished_run())
-    code = (
-        "import sys; from typer.testing import CliRunner; from isubg.cli import app; "
-        f"r = CliRunner().invoke(app, ['report', {str(run)!r}, '--no-plots']); assert r.exit_code == 0, r.output; "
-        "print('torch' in sys.modules)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert_torch_not_imported(["report", str(run), "--no-plots"])
