@@ -348,29 +348,27 @@ def write_explanations(result: EvalResult, path: Path) -> None:
 
 
 def load_trained(
-    path: Path, spec: DataSpec, vocab: str, device: torch.device | str = "cpu"
-) -> tuple[FusedModel, dict[str, Any]]:
-    """The trained model (eval mode, on `device`) and checkpoint dict of a run directory or checkpoint file.
+    state: dict[str, Any], spec: DataSpec, vocab: str, where: Path, device: torch.device | str = "cpu"
+) -> FusedModel:
+    """The trained model of a loaded checkpoint (isubg.checkpoint.load_checkpoint), in eval mode on `device`.
 
     Args:
-        path: a run directory (its best, else last, checkpoint) or a checkpoint file.
+        state: the checkpoint dict.
         spec: the data spec of the processed folder evaluated on (its tf-idf table is data, not weights).
         vocab: that folder's vocabulary checksum (isubg.checkpoint.vocab_checksum).
+        where: the checkpoint file, for messages.
 
     Raises:
-        DataError: no checkpoint there, an unreadable one, or data with other vocabularies.
+        DataError: the data has other vocabularies than the model was trained on.
     """
-    from isubg.checkpoint import find_checkpoint, load_checkpoint
     from isubg.config import RunConfig
     from isubg.models import build_model
 
-    file = find_checkpoint(Path(path))
-    state = load_checkpoint(file)
     if state.get("vocab_sha256") != vocab:
         raise DataError(
-            f"{file} was trained on another dictionary/answer list than the data given; evaluate on the processed "
+            f"{where} was trained on another dictionary/answer list than the data given; evaluate on the processed "
             "folder the run used (or one prepared with the same vocabularies)"
         )
     model = build_model(RunConfig.model_validate(state["config"]), spec)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+    return model.to(device).eval()

@@ -67,14 +67,16 @@ def _run(
     from isubg.evaluate import evaluate, load_trained, write_explanations, write_predictions
     from isubg.train import Processes, make_batches, open_split
 
-    cfg = RunConfig.model_validate(load_checkpoint(find_checkpoint(run))["config"])
+    file = find_checkpoint(run)
+    state = load_checkpoint(file)  # read once: it gives the config and the weights
+    cfg = RunConfig.model_validate(state["config"])
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
     cfg.data.num_workers = 0  # evaluation is one pass; worker start-up costs more than it saves on small splits
     data_dir = resolve_data_dir(data or cfg.data.root, cfg.data.dataset, cfg.data.demo_size)
     dataset = open_split(cfg, data_dir, split or cfg.eval.split, None)
     device = pick_device(device_name)
-    model, _state = load_trained(run, dataset.spec(), vocab_checksum(data_dir), device)
+    model = load_trained(state, dataset.spec(), vocab_checksum(data_dir), file, device)
     loader = make_batches(dataset, cfg, Processes(), epoch=0, train=False)
     console = err_console()
     with console.status(f"evaluating {len(dataset)} questions of {dataset.split}"):
