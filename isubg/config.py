@@ -324,9 +324,20 @@ class TuneConfig(_Section):
 
     study: str | None = _p(None, "Study name; unset: derived from the plan and preset.")
     storage: str | None = _p(None, "Optuna storage URL; unset: a journal file in the output folder.")
-    trials: Int = _p(20, "Trials to run (per worker process).", ge=1)
+    trials: Int | None = _p(
+        None,
+        "Trials: search plans, trials in the study; staged, per step; grids, at most this many of the plan's "
+        "configurations. Unset: the plan's own number (grids: all).",
+        ge=1,
+    )
     seeds: Int = _p(1, "Seeds per configuration; configurations are ranked by the mean.", ge=1)
     pruner: Literal["median", "hyperband", "none"] = _p("median", "Pruner that stops hopeless trials early.")
+    stale_after: Float = _p(
+        900.0,
+        "Seconds without a heartbeat after which a running trial's worker counts as dead: the trial is marked "
+        "failed and queued again (a dead worker on this machine is noticed at once).",
+        gt=0.0,
+    )
 
 
 class RunConfig(_Section):

@@ -249,7 +249,7 @@ def _best_accuracies(metrics: RunMetrics) -> dict[str, dict[str, Any]]:
 def summary(metrics: RunMetrics) -> dict[str, Any]:
     """The run at a glance, as a JSON-ready dict (accuracies as fractions, None where unknown).
 
-    status is the end record's (finished, early_stopped, interrupted, diverged) or "unfinished" when there is
+    status is the end record's (finished, early_stopped, interrupted, diverged, pruned) or "unfinished" when there is
     none (still running, or killed before writing it). Without an end record (or with nulls in it) steps falls
     back to the last step, elapsed_s to the sum of epoch times and peak_memory_mib to the largest per-epoch peak
     or per-step memory.

@@ -31,7 +31,7 @@ from isubg.config import (
 from isubg.presets import PresetLayer, preset_layers
 from isubg.yamlio import YamlError, dump_yaml, parse_yaml_value
 
-__all__ = ["Resolved", "dump_config", "parse_set", "resolve_config"]
+__all__ = ["Resolved", "canonical_key", "dump_config", "override_config", "parse_set", "resolve_config"]
 
 
 @dataclass
@@ -78,6 +78,18 @@ def _canonical(key: str, label: str) -> str:
     raise ConfigError(
         f"{label}: unknown key '{key}'.{_suggest(key)} Run `isubg preset show default` to list every parameter."
     )
+
+
+def canonical_key(key: str, label: str) -> str:
+    """The dotted path of one leaf parameter named by path or bare seed name (`lr` -> `train.lr`).
+
+    Raises:
+        ConfigError: unknown key (with the closest real one), or a section rather than a parameter.
+    """
+    path = _canonical(key, label)
+    if path in section_paths():
+        raise ConfigError(f"{label}: '{key}' is a section, not a parameter; name one of its settings")
+    return path
 
 
 def _flatten(data: Mapping[str, Any], label: str, prefix: str = "") -> dict[str, Any]:
@@ -196,6 +208,23 @@ def resolve_config(
     except ValidationError as exc:
         raise _translate(exc, flat, sources) from None
     return Resolved(config=config, preset=str(preset), warnings=config_warnings(config), sources=sources)
+
+
+def override_config(config: RunConfig, values: Mapping[str, Any], label: str) -> RunConfig:
+    """`config` with some leaves replaced (`{"train.lr": 3e-4}` or `{"lr": 3e-4}`), validated again.
+
+    Raises:
+        ConfigError: an unknown key, or a value (or combination) the schema rejects; named after `label`.
+    """
+    flat = _flatten(config.model_dump(mode="json"), "config")
+    sources = dict.fromkeys(flat, "base config")
+    for key, value in values.items():
+        path = canonical_key(key, label)
+        flat[path], sources[path] = value, label
+    try:
+        return RunConfig.model_validate(_nest(flat))
+    except ValidationError as exc:
+        raise _translate(exc, flat, sources) from None
 
 
 def dump_config(config: RunConfig, header: str = "") -> str:

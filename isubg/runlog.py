@@ -9,8 +9,8 @@
     epoch   epoch (1-based), step, train_loss, val_acc {branch..., fused, ens, bound}, score (fused), best,
             epoch_time_s, samples_per_s, peak_memory_mib
     resume  step, epoch (a resumed run appends to the same file; later records win)
-    end     status (finished | early_stopped | interrupted | diverged), message, best_epoch, best_score, steps,
-            elapsed_s, peak_memory_mib, majority_baseline
+    end     status (finished | early_stopped | interrupted | diverged | pruned), message, best_epoch, best_score,
+            steps, elapsed_s, peak_memory_mib, majority_baseline
 
 Only the main process (rank 0) writes or prints; elsewhere every method is a no-op.
 """
@@ -48,7 +48,7 @@ class TrainResult:
     """What a finished (or stopped) run reports."""
 
     run_dir: Path
-    status: str  # finished | early_stopped | interrupted | diverged
+    status: str  # finished | early_stopped | interrupted | diverged | pruned
     message: str
     best_score: float | None
     best_epoch: int | None

@@ -33,7 +33,7 @@ import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -69,7 +69,10 @@ from isubg.models.xvlm_config import image_input
 from isubg.resolve import dump_config
 from isubg.runlog import TrainResult, TrainUI
 
-__all__ = ["TrainResult", "ban_multiplier", "seed_everything", "train"]
+__all__ = ["EpochHook", "TrainResult", "ban_multiplier", "seed_everything", "train"]
+
+# (epochs done, fused validation accuracy) -> stop now? Called once per epoch on every rank.
+EpochHook = Callable[[int, float], bool]
 
 REFERENCE_EPOCHS = 20  # the MGHR default the BAN schedule's milestones are written for
 
@@ -570,11 +573,14 @@ def train(
     console: Console | None = None,
     stop_after_steps: int | None = None,
     preset: str = "",
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train `cfg` on the processed folder `data_dir`, writing into `run_dir` (see the module docstring).
 
     Args:
         stop_after_steps: behave as if interrupted after this many optimizer steps (tests, smoke runs).
+        on_epoch: called after each epoch's validation and checkpoint with (epochs done, fused validation
+            accuracy); returning True ends the run with status "pruned" (a tuner stopping a hopeless trial).
 
     Raises:
         ConfigError / DataError: bad settings or data, before anything is trained.
@@ -615,7 +621,7 @@ def train(
     ui.start(cfg, device, procs.world, position, counts, precision, len(train_set), len(val_set), baseline, data_dir)
     if fitted:
         ui.log(fitted)
-    return _run_epochs(t, train_set, val_set, ui, run_dir, spec_sizes, vocab, baseline, stop_after_steps)
+    return _run_epochs(t, train_set, val_set, ui, run_dir, spec_sizes, vocab, baseline, stop_after_steps, on_epoch)
 
 
 def _run_epochs(
@@ -628,6 +634,7 @@ def _run_epochs(
     vocab: str,
     baseline: float | None,
     stop_after: int | None,
+    on_epoch: EpochHook | None,
 ) -> TrainResult:
     cfg, prog, stop = t.cfg, t.progress, StopFlag()
     status, message, val = "finished", "", None
@@ -665,6 +672,9 @@ def _run_epochs(
             if cfg.train.patience is not None and prog.bad_epochs >= cfg.train.patience:
                 status = "early_stopped"
                 message = f"no better validation accuracy for {prog.bad_epochs} epochs (train.patience)"
+                break
+            if on_epoch is not None and on_epoch(prog.epoch, val.get("fused", math.nan)):
+                status, message = "pruned", f"stopped after epoch {prog.epoch} by the caller (pruned)"
                 break
             if stop:
                 status, message = "interrupted", f"stopped by {stop.reason}"

@@ -24,10 +24,14 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_wheel_ships_every_preset(wheel: Path) -> None:
+def test_wheel_ships_every_preset_and_tuning_plan(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for preset in (REPO / "presets").glob("*.yaml"):
         assert f"isubg/_presets/{preset.name}" in names
+    plans = list((REPO / "presets" / "plans").glob("*.yaml"))
+    assert len(plans) == 6
+    for plan in plans:
+        assert f"isubg/_presets/plans/{plan.name}" in names
     assert "isubg/cli/preset.py" in names
 
 

@@ -20,8 +20,10 @@ def test_every_required_preset_ships() -> None:
 
 
 def test_presets_folder_holds_only_yaml() -> None:
-    # The wheel copies the folder verbatim; anything else in it would ship too.
-    assert {p.suffix for p in preset_dir().iterdir() if not p.name.startswith(".")} == {".yaml"}
+    # The wheel copies the folder verbatim; anything else in it would ship too. plans/ holds the tuning plans.
+    files = [p for p in preset_dir().rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert {p.suffix for p in files} == {".yaml"}
+    assert {p.parent.name for p in files} == {preset_dir().name, "plans"}
 
 
 @pytest.mark.parametrize("name", sorted(REQUIRED))

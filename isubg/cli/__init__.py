@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from isubg import __version__
-from isubg.cli import data, eval, gpu, preset, profile_memory, report, train
+from isubg.cli import data, eval, gpu, preset, profile_memory, report, train, tune
 
 app = typer.Typer(
     name="isubg",
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(preset.app, name="preset")
 app.add_typer(data.app, name="data")
+app.add_typer(tune.app, name="tune")
 app.command("train")(train.train)
 app.command("eval")(eval.evaluate_run)
 app.command("report")(report.report)

@@ -21,6 +21,7 @@ _STATUS_NOTE = {
     "early_stopped": "stopped early: the validation score stopped improving",
     "interrupted": "interrupted; resume it with the same run directory",
     "diverged": "diverged: the loss became NaN or infinite",
+    "pruned": "pruned by isubg tune: the trial looked hopeless against the study's others",
     "unfinished": "no end record: still running, or killed before it could write one",
 }
 

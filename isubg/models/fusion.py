@@ -103,5 +103,8 @@ class FusedModel(nn.Module):
                 parts[f"{name}_candidates"] = extra(logits, targets)
         if len(output.branches) > 1:
             fused = output.fused.float().clamp(_EPS, 1 - _EPS)
-            parts["fused"] = self.fusion_ratio * F.binary_cross_entropy(fused, targets, reduction="sum") / batch
+            # BCE written out: F.binary_cross_entropy raises on a NaN input, and a NaN here must reach the
+            # trainer as a NaN loss (a diverged run it stops cleanly), not as a crash.
+            bce = -(targets * fused.log() + (1 - targets) * (1 - fused).log()).sum()
+            parts["fused"] = self.fusion_ratio * bce / batch
         return torch.stack(list(parts.values())).sum(), parts
