@@ -142,7 +142,7 @@ def _row(trial: FrozenTrial) -> TrialRow:
     mean: float | None = trial.value
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         mean = trial.intermediate_values[max(trial.intermediate_values)]
-    std = attrs.get("isubg.std") if trial.state == TrialState.COMPLETE else None
+    std = attrs.get("isubg.std") if trial.state == TrialState.COMPLETE and len(scores) > 1 else None
     return TrialRow(
         number=trial.number,
         state=trial.state.name.lower(),

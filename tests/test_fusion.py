@@ -71,6 +71,19 @@ def test_loss_parts_and_fusion_ratio() -> None:
     torch.testing.assert_close(doubled["fused"], 2 * parts["fused"])
 
 
+def test_fused_term_is_the_binary_cross_entropy_and_a_nan_becomes_a_nan_loss() -> None:
+    batch, targets = FakeBatch(), torch.rand(3, 6)
+    model = _model(ratio=1.0)
+    out = model(batch)
+    _, parts = model.loss(out, targets)
+    expected = nn.functional.binary_cross_entropy(out.fused.clamp(1e-6, 1 - 1e-6), targets, reduction="sum") / 3
+    torch.testing.assert_close(parts["fused"], expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a diverged weight: the trainer must see a NaN loss, not an exception from BCE
+        model.branches["cfrf"].head.weight.fill_(float("nan"))
+    total, _ = model.loss(model(batch), targets)
+    assert torch.isnan(total)
+
+
 def test_single_branch_has_no_fused_term() -> None:
     model = _model(("isubg",))
     _, parts = model.loss(model(FakeBatch()), torch.zeros(3, 6))

@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_imports import assert_torch_not_imported
 from test_train import FAST
 from typer.testing import CliRunner
 
@@ -273,6 +274,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["tune", "report", "nope", "--output", str(tmp_path)])
     assert result.exit_code == 2 and "no study storage" in result.output
     assert cli_tune.JOURNAL == JOURNAL
+
+
+def test_report_does_not_import_torch(grid_study: Path) -> None:
+    assert_torch_not_imported(["tune", "report", "lr-demo", "--output", str(grid_study), "--json"])
 
 
 def test_report_names_the_studies_in_a_storage(grid_study: Path) -> None:
