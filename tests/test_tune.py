@@ -347,3 +347,21 @@ def test_a_killed_worker_leaves_its_trial_failed_and_a_restart_completes_the_stu
     assert sorted(t.params["model.cfrf.dropout"] for t in done) == [0.1, 0.2]
     retry = next(t for t in done if t.user_attrs.get("isubg.retry_of") == 0)
     assert retry.params == trials[0].params
+
+
+def test_ctrl_c_fails_and_requeues_the_current_trial_and_the_study_resumes(tiny_demo: Path, tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, "one", "kind: grid\npoints: [{dropout: 0.1}]\n")
+    worker = _worker(tiny_demo, tmp_path, plan, "--epochs", "3")
+    metrics = tmp_path / "one-demo" / "trial-0000" / "seed-1204" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"event": "step"' in metrics.read_text()):
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0]
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGINT)
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 130, output
+    first, queued = trials_of(tmp_path, "one-demo")
+    assert first.state == TrialState.FAIL and first.user_attrs["isubg.reason"].startswith("interrupted")
+    assert queued.state == TrialState.WAITING and queued.user_attrs["isubg.retry_of"] == 0
+    run_study(request(load_plan(plan), tiny_demo, tmp_path, "train.epochs=3"), say=lambda _: None)
+    assert trials_of(tmp_path, "one-demo")[1].state == TrialState.COMPLETE
