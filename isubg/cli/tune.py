@@ -80,7 +80,10 @@ def run(
         ),
     ] = None,
     preset: Annotated[
-        str, typer.Option("--preset", "-p", metavar="NAME", help="Preset the trials start from.")
+        str,
+        typer.Option(
+            "--preset", "-p", metavar="NAME", help="Preset the trials start from (a name, a YAML file, or auto)."
+        ),
     ] = "demo",
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -118,6 +121,11 @@ def run(
         if (plan is None) == (plan_file is None):
             raise ConfigError("give a PLAN name (isubg tune plans) or --plan-file FILE, not both or neither")
         the_plan = load_plan(plan_file or plan, param or [])  # type: ignore[arg-type]
+        if preset == "auto":
+            from isubg.gpu import resolve_auto_preset
+
+            preset, why = resolve_auto_preset(preset)
+            console.print(f"--preset auto: {why}", highlight=False, markup=False)
         sets = list(set_ or [])
         options = {"study": study, "storage": storage, "trials": trials, "seeds": seeds, "pruner": pruner}
         sets += [f"tune.{k}={v}" for k, v in options.items() if v is not None]
