@@ -28,6 +28,9 @@ class DataSpec:
         max_attributes: attribute slots per graph node (x has 1 + max_attributes columns).
         glove: (num_words, 300) float32 GloVe rows from the processed folder, or None.
         tfidf: the tf-idf weights as (rows, cols, values, shape) numpy arrays, or None.
+        graph_words: (num_graph_tokens, W) int64 question-dictionary ids of each scene-graph token's words
+            ("in front of" -> 3 ids), 0-padded; all 0 for special tokens and tokens with no known word. None:
+            not known (a hand-made spec).
     """
 
     num_words: int
@@ -37,6 +40,7 @@ class DataSpec:
     max_attributes: int = 3
     glove: Any = None
     tfidf: Any = None
+    graph_words: Any = None
 
 
 @dataclass

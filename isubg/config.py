@@ -199,6 +199,11 @@ class IsubgConfig(_Section):
     use_instruction: bool = _p(True, "Condition graph layers on question instructions (0/1).", seed=True)
     use_masking: bool = _p(True, "Apply the sampled node mask (0/1).", seed=True)
     use_mgat: bool = _p(False, "Masked GAT layers (1) instead of plain GATv2 layers (0).", seed=True)
+    share_word_embeddings: bool = _p(
+        True,
+        "Scene-graph tokens also embed through the question's word table (the mean over the token's words), so "
+        "'cup' in a question and a 'cup' node start alike, as in ISubGVQA's GloVe-initialised graph vocabulary.",
+    )
 
 
 class XvlmConfig(_Section):

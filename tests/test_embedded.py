@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from isubg.cli import app
 from isubg.data.dataset import VQADataset, collate
+from isubg.data.demo import GENERATOR_VERSION
 from isubg.data.embedded import demo_dir, ensure_demo
 from isubg.data.inspect import inspect_processed
 
@@ -59,6 +60,17 @@ def test_ensure_demo_builds_once_into_the_cache(tmp_path: Path, monkeypatch: pyt
     again = ensure_demo("tiny", 1)
     assert again.generated is None  # reused, not rebuilt
     assert (again.processed("gqa") / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_ensure_demo_rebuilds_a_cache_of_an_older_generator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same (size, seed) gives another world after a generator change; an old cache must not be reused.
+    monkeypatch.setenv("ISUBG_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = ensure_demo("tiny", 2).root / "demo.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "version": GENERATOR_VERSION - 1}))
+    again = ensure_demo("tiny", 2)
+    assert again.generated is not None  # rebuilt
+    assert json.loads(manifest.read_text())["version"] == GENERATOR_VERSION
 
 
 def test_demo_rejects_an_unknown_size() -> None:

@@ -369,3 +369,58 @@ def test_a_demo_batch_trains_a_step(demo_gqa: Path) -> None:
     sizes = torch.bincount(batch.graphs.batch).tolist()
     assert out.node_mask is not None and _per_graph(out.node_mask, batch) == [float(min(2, n)) for n in sizes]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _tied_spec(glove: np.ndarray | None = None) -> DataSpec:
+    """Graph token t has words (t % 7 + 1) and, for odd t, also (t % 5 + 10); token 0 and 3 have none."""
+    words = np.zeros((SPEC.num_graph_tokens, 4), dtype=np.int64)
+    for t in range(1, SPEC.num_graph_tokens):
+        if t != 3:
+            words[t, 0] = t % 7 + 1
+            if t % 2:
+                words[t, 1] = t % 5 + 10
+    return DataSpec(SPEC.num_words, SPEC.num_answers, SPEC.num_graph_tokens, SPEC.feature_dim, graph_words=words,
+                    glove=glove)  # fmt: skip
+
+
+@pytest.mark.parametrize("glove", [False, True], ids=["learned", "glove"])
+def test_graph_tokens_share_the_question_word_vectors(glove: bool) -> None:
+    rows = np.random.default_rng(1).standard_normal((SPEC.num_words, 300)).astype(np.float32) if glove else None
+    spec = _tied_spec(rows)
+    model = _model(_config(), spec=spec)
+    assert "graph_words" not in model.state_dict()  # derived from the data folder, not a weight
+    table = model.question.phrase_vectors(model.graph_words)
+    project = model.question.embed_proj
+    expected_5 = project((model.question.embed.weight[6] + model.question.embed.weight[10]) / 2)  # token 5: 6, 10
+    torch.testing.assert_close(table[5], expected_5)
+    torch.testing.assert_close(table[3], torch.zeros_like(table[3]))  # no known word: nothing added
+    batch = _batch(ITEMS)
+    batch.q_tokens[:] = torch.where(batch.q_tokens > 0, 30, 0)  # the questions use none of the graph words
+    _loss(model(batch), batch).backward()
+    grad = model.question.embed.weight.grad
+    assert grad is not None and grad[1:8].abs().sum() > 0 and grad[10:15].abs().sum() > 0  # reached via the graph
+
+
+def test_share_word_embeddings_off_keeps_graph_and_question_vocabularies_apart() -> None:
+    model = _model(_config(share_word_embeddings=False), spec=_tied_spec())
+    assert model.graph_words is None
+    batch = _batch(ITEMS)
+    batch.q_tokens[:] = torch.where(batch.q_tokens > 0, 30, 0)
+    _loss(model(batch), batch).backward()
+    grad = model.question.embed.weight.grad
+    assert grad is not None and grad[1:15].abs().sum() == 0
+
+
+def test_demo_graph_tokens_map_to_question_words(demo_gqa: Path) -> None:
+    from isubg.data.dataset import VQADataset
+    from isubg.data.text import Dictionary
+
+    data = VQADataset(demo_gqa, "train", question_len=12, max_boxes=36, num_stat_word=10)
+    words = data.spec().graph_words
+    dictionary = Dictionary.load(demo_gqa / "dictionary.json")
+    assert words.shape == (len(data.graph_vocab), 4)
+    assert not words[:3].any()  # <pad>, <unk>, <empty>
+    cup = data.graph_vocab.index("cup")
+    assert words[cup].tolist() == [dictionary.word_to_id("cup"), 0, 0, 0]
+    left = data.graph_vocab.index("to the left of")
+    assert [dictionary.id_to_word(i) for i in words[left] if i] == ["to", "the", "left", "of"]

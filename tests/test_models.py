@@ -41,7 +41,8 @@ def _batch(data: VQADataset, indices: list[int]) -> Any:
 
 
 def _config(*sets: str, preset: str = "demo") -> RunConfig:
-    return resolve_config(preset, sets=[*TINY, *sets]).config
+    # Masking on: the sampler knobs act through the mask, whatever the demo preset chooses.
+    return resolve_config(preset, sets=[*TINY, "use_masking=true", *sets]).config
 
 
 def _signature(folder: Path, cfg: RunConfig) -> dict[str, Any]:
@@ -89,7 +90,7 @@ EFFECTS = [
     ("sample_k", 2, 1), ("nb_samples", 1, 2), ("alpha", 1.0, 5.0), ("beta", 10.0, 1000.0), ("tau", 1.0, 0.5),
     ("use_instruction", True, False), ("use_masking", True, False), ("use_mgat", False, True),
     ("fusion_ratio", 0.1, 0.2), ("topk", 6, 3), ("question_len", 12, 6), ("max_boxes", 50, 10),
-    ("num_stat_word", 30, 5), ("tfidf", True, False),
+    ("num_stat_word", 30, 5), ("tfidf", True, False), ("model.isubg.share_word_embeddings", True, False),
 ]  # fmt: skip
 
 

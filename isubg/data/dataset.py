@@ -25,10 +25,10 @@ from isubg.data.files import read_json
 from isubg.data.images import ImageLoader
 from isubg.data.prepare import read_manifest
 from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
-from isubg.data.text import Dictionary
+from isubg.data.text import PAD, Dictionary, tokenize
 from isubg.errors import DataError
 
-__all__ = ["Sample", "VQADataset", "collate", "make_loader"]
+__all__ = ["Sample", "VQADataset", "collate", "graph_token_words", "make_loader"]
 
 MAX_ATTRIBUTES = 3  # attribute slots per scene-graph node
 
@@ -52,6 +52,24 @@ class Sample:
     labels: np.ndarray | None  # (m,) int64 answer ids with a positive score
     scores: np.ndarray | None  # (m,) float32
     image: np.ndarray | None = None  # (3, R, R) float32 pixels (isubg.data.images) when the dataset has an image root
+
+
+MAX_TOKEN_WORDS = 4  # words of a scene-graph token kept for its shared word embedding ("to the left of")
+
+
+def graph_token_words(vocab: GraphVocab, dictionary: Dictionary) -> np.ndarray:
+    """(len(vocab), MAX_TOKEN_WORDS) int64: the question-dictionary ids of each graph token's words, 0-padded.
+
+    Words the questions never use (and the special tokens) get 0, so they add nothing: a graph token then
+    relies on its own embedding alone.
+    """
+    out = np.zeros((len(vocab), MAX_TOKEN_WORDS), dtype=np.int64)
+    for i, token in enumerate(vocab.tokens):
+        if token.startswith("<") and token.endswith(">"):
+            continue
+        ids = [dictionary.word_to_id(w) for w in tokenize(token) if w != PAD and w in dictionary]
+        out[i, : len(ids[:MAX_TOKEN_WORDS])] = ids[:MAX_TOKEN_WORDS]
+    return out
 
 
 def _pad(values: Sequence[int], length: int) -> tuple[np.ndarray, int]:
@@ -127,14 +145,16 @@ class VQADataset(Dataset[Sample]):
         if tfidf_path.exists():
             with np.load(tfidf_path) as stored:
                 tfidf = (stored["rows"], stored["cols"], stored["values"], tuple(int(v) for v in stored["shape"]))
+        dictionary = Dictionary.load(self.folder / "dictionary.json")
         return DataSpec(
-            num_words=len(Dictionary.load(self.folder / "dictionary.json")),
+            num_words=len(dictionary),
             num_answers=self.num_answers,
             num_graph_tokens=len(self.graph_vocab),
             feature_dim=self.feature_dim,
             max_attributes=MAX_ATTRIBUTES,
             glove=glove,
             tfidf=tfidf,
+            graph_words=graph_token_words(self.graph_vocab, dictionary),
         )
 
     @property

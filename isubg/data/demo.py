@@ -1,11 +1,14 @@
 """Generate the embedded demo dataset: a small, learnable synthetic world written in the real file formats.
 
-The world. Each image (640 x 480 pixels) holds 3-8 real objects. An object has a name (12 everyday
-nouns), a colour (8), a material (4) and a size (small/large); large objects get larger boxes. Real
+The world. Each image (640 x 480 pixels) holds 3-6 real objects. An object has a name (6 everyday
+nouns), a colour (5), a material (3) and a size (small/large); large objects get larger boxes. The world
+is kept this small on purpose: each name-attribute lookup then has hundreds of training questions in the
+`small` size, so the demo is learnable in a few CPU minutes (with 12 names, 8 colours and 3-8 objects it
+had ~30 per lookup and the models learnt only question-type priors). Real
 objects are placed at random with little overlap. Each one is related to its 2-3 nearest real objects
 by the dominant axis between the box centres: "to the left of" / "to the right of" when the horizontal
 offset is larger, else "above" / "below" (image y grows downward). An edge `{name: rel, object: target}`
-on a source object reads "source rel target". One name per image repeats 2-5 times so that counting
+on a source object reads "source rel target". One name per image repeats 2-4 times so that counting
 questions have a spread of answers. Around the real objects come distractor boxes ("clutter"): random
 boxes and partial boxes around real objects, so that an image has 10-100 boxes in all (nine images in
 ten have 10-40).
@@ -31,7 +34,7 @@ The questions. About ten per image from templates: exist, count, query colour / 
 relation, compare (same colour / material) and logical (or / and). Every answer is computed from the
 world, objects are referred to only by descriptions that match exactly one object, and a per-split
 balancer picks, among the answers a template can give for an image, the one used least so far, so
-yes/no stay near 50/50 and counts 0-5 spread out.
+yes/no stay near 50/50 and counts 0-4 spread out.
 
 Files, all under `out`. They are first written into a staging folder `out/.demo-staging-<pid>` and
 moved into place (os.replace) only once every one is complete, `demo.json` last, so an interrupted
@@ -73,6 +76,7 @@ from isubg.errors import ConfigError
 __all__ = [
     "COLORS",
     "FEATURE_DIM",
+    "GENERATOR_VERSION",
     "MATERIALS",
     "NAMES",
     "RELATIONS",
@@ -84,11 +88,15 @@ __all__ = [
     "generate_demo",
 ]
 
+# Bumped whenever the same (size, seed) would give different files, so that caches of an older world
+# (isubg.data.embedded) are rebuilt instead of reused. 2: the smaller, denser world (6 names, 5 colours,
+# 3 materials, 3-6 objects, more questions per image).
+GENERATOR_VERSION = 2
 FEATURE_DIM = 128
 IMAGE_WIDTH, IMAGE_HEIGHT = 640, 480
-NAMES = ("ball", "cup", "book", "chair", "lamp", "bottle", "box", "plate", "vase", "shoe", "clock", "bag")
-COLORS = ("red", "blue", "green", "yellow", "white", "black", "brown", "purple")
-MATERIALS = ("metal", "wood", "plastic", "glass")
+NAMES = ("ball", "cup", "book", "chair", "lamp", "box")
+COLORS = ("red", "blue", "green", "yellow", "white")
+MATERIALS = ("metal", "wood", "plastic")
 SIZES = ("small", "large")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 CLUTTER_CLASS = "clutter"
@@ -261,10 +269,10 @@ def _place_boxes(rng: np.random.Generator, sizes: Sequence[str]) -> list[tuple[i
 
 
 def _sample_objects(rng: np.random.Generator, image_id: int) -> list[_Object]:
-    """3-8 objects; one name repeats 2-5 times and the others appear once, so counts spread over 0-5."""
-    # The repeat count first, then enough objects around it: every count 2-5 is equally common.
-    repeat = int(rng.integers(2, 6))
-    n = int(rng.integers(max(3, repeat + 1), 9))
+    """3-6 objects; one name repeats 2-4 times and the others appear once, so counts spread over 0-4."""
+    # The repeat count first, then enough objects around it: every count 2-4 is equally common.
+    repeat = int(rng.integers(2, 5))
+    n = int(rng.integers(max(3, repeat + 1), 7))
     first = int(rng.integers(len(NAMES)))
     others = [i for i in range(len(NAMES)) if i != first]
     names = [NAMES[first]] * repeat + [NAMES[i] for i in rng.choice(others, size=n - repeat, replace=False)]
@@ -977,7 +985,7 @@ def _manifest(out: Path, report: DemoReport) -> dict[str, Any]:
             files[role] = path.relative_to(out).as_posix()
     return {
         "generator": "isubg demo",
-        "version": 1,
+        "version": GENERATOR_VERSION,
         "size": report.size,
         "seed": report.seed,
         "feature_dim": FEATURE_DIM,

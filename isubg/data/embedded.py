@@ -1,7 +1,8 @@
 """The embedded default dataset: generate the demo world, prepare it for GQA and VQA, and keep it in a cache.
 
 `isubg data demo` builds it where asked; training with no data given calls `ensure_demo()`, which
-builds it once under the cache folder and reuses it afterwards:
+builds it once under the cache folder and reuses it afterwards (a cache written by an older generator,
+whose demo.json has another `GENERATOR_VERSION`, is rebuilt in place):
 
     <cache>/demo/<size>-seed<seed>/        the raw files (see isubg.data.demo)
     <cache>/demo/<size>-seed<seed>/processed/gqa, .../processed/vqa   processed folders (isubg data prepare)
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from isubg.data.demo import DemoReport, generate_demo
+from isubg.data.demo import GENERATOR_VERSION, DemoReport, generate_demo
 from isubg.data.files import read_json
 from isubg.data.prepare import PrepareReport, discover_splits, prepare
 
@@ -81,11 +82,16 @@ def build_demo(
 
 
 def _is_complete(root: Path, size: str, seed: int) -> bool:
+    """Whether `root` holds a whole, prepared demo of this size and seed made by the current generator.
+
+    A demo written by an older generator (another `GENERATOR_VERSION` in demo.json, or none) is stale:
+    the same (size, seed) now gives another world, so it is rebuilt rather than trained on.
+    """
     manifest = root / "demo.json"
     if not manifest.exists():
         return False
     info = read_json(manifest)
-    if info.get("size") != size or info.get("seed") != seed:
+    if info.get("size") != size or info.get("seed") != seed or info.get("version") != GENERATOR_VERSION:
         return False
     return all((processed_dir(root, d) / "manifest.json").exists() for d in DATASETS)
 

@@ -13,7 +13,10 @@ Pipeline (d = model.isubg.general_hidden_dim, T = mgat_layers, B questions, N no
    the batch (the reference reshaped a (T, B, .) tensor with `view`, mixing samples).
 3. Scene-graph encoder: node = name embedding + mean of the (non-pad) attribute embeddings + an MLP of
    the box, LayerNorm at width d (any d; the reference hard-coded 300). Edge = relation embedding plus a
-   learned offset on added reverse edges (`edge_reverse`; the reference negated the wrong edges).
+   learned offset on added reverse edges (`edge_reverse`; the reference negated the wrong edges). With
+   share_word_embeddings every token embedding also adds the question encoder's mean word vector of the
+   token's words (spec.graph_words), the role the reference's GloVe initialisation of its graph vocabulary
+   plays: "cup" in the question and a "cup" node start from the same vector, and stay tied in training.
 4. T GATv2Conv layers (4 heads, edge features, self-loops added). Layer t gates node states with
    instruction t of their own question, LayerNorm(x * instr_t[batch]) (skipped when use_instruction is
    off; the reference crashed there). Heads are concatenated, projected back to d, then residual +
@@ -90,6 +93,18 @@ class QuestionEncoder(nn.Module):
         self.state_proj = nn.Linear(2 * dim, dim) if with_states else None
         self.question_proj = nn.Linear(2 * dim, dim)
 
+    def phrase_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each row's mean word vector at width d, zero for a row without words.
+
+        Averaged before the (linear) projection, which gives the same result at a fraction of the cost.
+
+        Shapes:
+            ids: (T, W) int64, 0 = no word -> (T, d).
+        """
+        present = ids != 0
+        mean = masked_mean(self.embed(ids), present, dim=1)
+        return self.embed_proj(mean) * present.any(dim=1, keepdim=True).to(mean.dtype)
+
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         words = self.embed_proj(self.embed(tokens))
         # An all-padding question still needs one step; its token 0 embeds to zeros.
@@ -131,9 +146,12 @@ class InstructionDecoder(nn.Module):
 class SceneGraphEncoder(nn.Module):
     """Node and edge embeddings from the graph tokens, boxes and reverse-edge flags.
 
+    A token's embedding is its own row plus, when `shared` is given, a row of that table: the question
+    encoder's word vectors averaged over the token's words, so graph and question words share meaning.
+
     Shapes:
-        x: (N, 1 + attrs) int64 (0 = pad); box: (N, 4); edge_attr: (E,) int64; edge_reverse: (E,) bool
-        -> nodes (N, d), edges (E, d).
+        x: (N, 1 + attrs) int64 (0 = pad); box: (N, 4); edge_attr: (E,) int64; edge_reverse: (E,) bool;
+        shared: (num_tokens, d) or None -> nodes (N, d), edges (E, d).
     """
 
     def __init__(self, num_tokens: int, dim: int) -> None:
@@ -145,13 +163,22 @@ class SceneGraphEncoder(nn.Module):
         self.reverse_offset = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
 
     def forward(
-        self, x: torch.Tensor, box: torch.Tensor, edge_attr: torch.Tensor, edge_reverse: torch.Tensor
+        self,
+        x: torch.Tensor,
+        box: torch.Tensor,
+        edge_attr: torch.Tensor,
+        edge_reverse: torch.Tensor,
+        shared: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        embedded = self.tokens(x)
+        def embed(ids: torch.Tensor) -> torch.Tensor:
+            own = self.tokens(ids)
+            return own if shared is None else own + shared.to(own.dtype)[ids]
+
+        embedded = embed(x)
         attributes = masked_mean(embedded[:, 1:], x[:, 1:] != 0, dim=1)
         nodes = self.node_norm(embedded[:, 0] + attributes + self.box(box.to(embedded.dtype)))
         reverse = edge_reverse.reshape(-1, 1).to(embedded.dtype)
-        edges = self.tokens(edge_attr.reshape(-1)) + reverse * self.reverse_offset
+        edges = embed(edge_attr.reshape(-1)) + reverse * self.reverse_offset
         return nodes, edges
 
 
@@ -265,6 +292,11 @@ class ISubGBranch(nn.Module):
         self.question = QuestionEncoder(spec.num_words, d, glove, with_states=settings.use_instruction)
         self.decoder = InstructionDecoder(d, settings.mgat_layers) if settings.use_instruction else None
         self.graph = SceneGraphEncoder(spec.num_graph_tokens, d)
+        words = spec.graph_words if settings.share_word_embeddings else None
+        # Derived from the data folder's vocabularies (checked by checksum on load), so not saved with the weights.
+        self.register_buffer(
+            "graph_words", None if words is None else torch.as_tensor(words, dtype=torch.long), persistent=False
+        )
         self.layers = nn.ModuleList(InstructedGATLayer(d) for _ in range(settings.mgat_layers))
         self.scorer = NodeScorer(d)
         s = settings
@@ -285,7 +317,8 @@ class ISubGBranch(nn.Module):
         index = graphs.batch
         states, u = self.question(batch.q_tokens, batch.q_mask)
         instr = None if self.decoder is None or states is None else self.decoder(states, batch.q_mask, u)
-        h, edges = self.graph(graphs.x, graphs.box, graphs.edge_attr, graphs.edge_reverse)
+        shared = None if self.graph_words is None else self.question.phrase_vectors(self.graph_words)
+        h, edges = self.graph(graphs.x, graphs.box, graphs.edge_attr, graphs.edge_reverse, shared)
         mask = self._sample(h, u, index, num_graphs) if self.use_mgat else None
         layer_mask = mask if self.use_masking else None
         for t, layer in enumerate(self.layers):
