@@ -25,6 +25,7 @@ __all__ = [
     "StudyReport",
     "TrialRow",
     "export_preset",
+    "list_studies",
     "load_study",
     "open_storage",
     "plot_study",
@@ -134,6 +135,29 @@ def load_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
     if "isubg.plan" not in study.user_attrs:
         raise ConfigError(f"study '{name}' was not made by `isubg tune run` (it has no isubg.plan attribute)")
     return study
+
+
+def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
+    """One summary per isubg study in `storage`: name, plan, preset, trial counts by state, best mean accuracy."""
+    out = []
+    for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        attrs = study.user_attrs
+        if "isubg.plan" not in attrs:
+            continue
+        trials = study.get_trials(deepcopy=False)
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        out.append({
+            "study": summary.study_name,
+            "plan": attrs["isubg.plan"].get("name", ""),
+            "preset": attrs.get("isubg.preset", ""),
+            "counts": counts,
+            "best": max(values) if values else None,
+        })  # fmt: skip
+    return sorted(out, key=lambda s: s["study"])
 
 
 def _row(trial: FrozenTrial) -> TrialRow:

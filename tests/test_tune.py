@@ -283,6 +283,13 @@ def test_report_does_not_import_torch(grid_study: Path) -> None:
 def test_report_names_the_studies_in_a_storage(grid_study: Path) -> None:
     result = runner.invoke(app, ["tune", "report", "lr-dem", "--output", str(grid_study)])
     assert result.exit_code == 2 and "studies there: lr-demo" in result.output
+    listed = runner.invoke(app, ["tune", "report", "--output", str(grid_study), "--json"])
+    assert listed.exit_code == 0, listed.output
+    (only,) = json.loads(listed.output)
+    assert only["study"] == "lr-demo" and only["plan"] == "lr" and only["counts"] == {"complete": 3}
+    assert only["best"] == max(t.value for t in trials_of(grid_study, "lr-demo"))
+    result = runner.invoke(app, ["tune", "report", "--output", str(grid_study), "--plot", str(grid_study / "p")])
+    assert result.exit_code == 2 and "need a STUDY name" in result.output
 
 
 def test_export_needs_a_completed_trial(tiny_demo: Path, tmp_path: Path) -> None:

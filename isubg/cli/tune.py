@@ -150,7 +150,10 @@ def run(
 
 @app.command("report")
 def report(
-    study: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (isubg tune run prints it).")],
+    study: Annotated[
+        str | None,
+        typer.Argument(metavar="[STUDY]", help="Study name (isubg tune run prints it); omit it to list the studies."),
+    ] = None,
     storage: StorageOpt = None,
     output: OutputOpt = DEFAULT_OUTPUT,
     json_output: JsonOpt = False,
@@ -164,12 +167,17 @@ def report(
 ) -> None:
     """The study's trials ranked by mean accuracy (with std over seeds), the best configuration, importances."""
     from isubg.tune_report import export_preset as write_preset
-    from isubg.tune_report import load_study, open_storage, plot_study, study_report
+    from isubg.tune_report import list_studies, load_study, open_storage, plot_study, study_report
 
     with user_errors():
         ref = _storage_ref(storage, output)
         if "://" not in ref and not Path(ref).is_file():
             raise ConfigError(f"no study storage at {ref}; give --storage URL|FILE or the --output DIR of tune run")
+        if study is None:
+            if plot is not None or export_preset is not None:
+                raise ConfigError("--plot and --export-preset need a STUDY name (omit them to list the studies)")
+            _print_studies(list_studies(open_storage(ref)), json_output)
+            return
         the_study = load_study(study, open_storage(ref))
         result = study_report(the_study)
         written = plot_study(the_study, plot) if plot is not None else []
@@ -184,6 +192,20 @@ def report(
     if exported is not None:
         console.print(f"best configuration written to {exported}; train it: isubg train --config {exported}",
                       highlight=False, markup=False)  # fmt: skip
+
+
+def _print_studies(studies: list[dict[str, Any]], json_output: bool) -> None:
+    from rich.table import Table
+
+    if json_output:
+        print_json(studies)
+        return
+    table = Table("study", "plan", "preset", "trials", "best %", box=None)
+    for s in studies:
+        counts = ", ".join(f"{n} {state}" for state, n in s["counts"].items())
+        best = "-" if s["best"] is None else f"{100 * s['best']:.1f}"
+        table.add_row(s["study"], s["plan"], s["preset"], counts, best)
+    out_console().print(table)
 
 
 def _print_report(result: Any, top: int | None = None) -> None:
