@@ -217,8 +217,8 @@ def study_report(study: optuna.Study) -> StudyReport:
             for path, *pair in config_diff(preset_cfg, best_config(study, best_trial))
             if _exported(path)
         ]
-    importances, notes = _importances(complete)
     plan = attrs["isubg.plan"]
+    importances, notes = _importances(complete, staged=plan.get("kind") == "staged")
     return StudyReport(
         study=study.study_name,
         plan=plan.get("name", ""),
@@ -233,13 +233,12 @@ def study_report(study: optuna.Study) -> StudyReport:
     )
 
 
-def _importances(complete: list[FrozenTrial]) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Optuna's parameter importances (PED-ANOVA), per staged step; notes where there is too little to say."""
+def _importances(complete: list[FrozenTrial], staged: bool) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Optuna's parameter importances (PED-ANOVA), per step of a staged plan (each step searches its own
+    parameters), else over the whole study; notes where there is too little to say."""
     by_step: dict[str, list[FrozenTrial]] = {}
     for t in complete:
-        by_step.setdefault(
-            t.user_attrs.get("isubg.step_name", "") if t.user_attrs.get("isubg.step") else "", []
-        ).append(t)
+        by_step.setdefault(t.user_attrs.get("isubg.step_name", "") if staged else "", []).append(t)
     out: dict[str, dict[str, float]] = {}
     notes: list[str] = []
     for step, trials in by_step.items():

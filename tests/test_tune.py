@@ -240,6 +240,8 @@ def test_staged_steps_run_in_order_with_earlier_best_values_fixed(tiny_demo: Pat
     run_study(request(plan, tiny_demo, tmp_path / "out"), say=lambda _: None)
     trials = trials_of(tmp_path / "out", "two-demo")
     assert [t.user_attrs["isubg.step_name"] for t in trials] == ["rate", "rate", "regularise", "regularise"]
+    notes = study_report(load_study("two-demo", open_storage(tmp_path / "out" / JOURNAL))).notes
+    assert [n.split(":")[0] for n in notes] == ["importances (step rate)", "importances (step regularise)"]
     assert all(t.state == TrialState.COMPLETE for t in trials)
     best_rate = max(trials[:2], key=lambda t: t.value).params["train.lr"]
     for t in trials[2:]:
