@@ -18,7 +18,7 @@ from typing import Any
 from isubg.config import ConfigError
 from isubg.yamlio import YamlError, load_yaml_file
 
-__all__ = ["PresetLayer", "list_presets", "preset_dir", "preset_layers", "preset_path", "preset_purpose"]
+__all__ = ["PresetLayer", "is_file_ref", "list_presets", "preset_dir", "preset_layers", "preset_path", "preset_purpose"]
 
 # The order `isubg preset list` shows: the base first, then by what a user is choosing between.
 _ORDER = (
@@ -80,7 +80,7 @@ def preset_purpose(ref: str | Path) -> str:
 
     A shipped preset's line starts with its own name (`# 8gb: ...`); that prefix is dropped.
     """
-    path = Path(ref) if _is_file_ref(ref) else preset_path(str(ref))
+    path = Path(ref) if is_file_ref(ref) else preset_path(str(ref))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -101,7 +101,8 @@ class PresetLayer:
     data: dict[str, Any]
 
 
-def _is_file_ref(ref: str | Path) -> bool:
+def is_file_ref(ref: str | Path) -> bool:
+    """Whether a preset reference names a YAML file (a Path, a .yaml/.yml name, or a path with /) not a preset."""
     text = str(ref)
     return isinstance(ref, Path) or text.endswith((".yaml", ".yml")) or "/" in text
 
@@ -127,7 +128,7 @@ def preset_layers(ref: str | Path, *, _chain: tuple[str, ...] = ()) -> list[Pres
         ConfigError: unknown preset, unreadable or invalid YAML, a non-string `extends`, or a cycle.
     """
     ref_str = str(ref)
-    is_file = _is_file_ref(ref)
+    is_file = is_file_ref(ref)
     path = Path(ref_str) if is_file else preset_path(ref_str)
     label = str(path) if is_file else f"preset {ref_str} ({path.name})"
     key = str(path.resolve())
@@ -139,6 +140,6 @@ def preset_layers(ref: str | Path, *, _chain: tuple[str, ...] = ()) -> list[Pres
         return [PresetLayer(label, data)]
     if not isinstance(parent, str) or not parent:
         raise ConfigError(f"{label}: 'extends' must name one preset or YAML file, got {parent!r}")
-    if is_file and _is_file_ref(parent):
+    if is_file and is_file_ref(parent):
         parent = str(path.parent / parent)  # relative to the file that extends it
     return [*preset_layers(parent, _chain=(*_chain, key)), PresetLayer(label, data)]

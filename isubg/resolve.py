@@ -31,7 +31,15 @@ from isubg.config import (
 from isubg.presets import PresetLayer, preset_layers
 from isubg.yamlio import YamlError, dump_yaml, parse_yaml_value
 
-__all__ = ["Resolved", "canonical_key", "dump_config", "override_config", "parse_set", "resolve_config"]
+__all__ = [
+    "Resolved",
+    "canonical_key",
+    "dump_config",
+    "nest_paths",
+    "override_config",
+    "parse_set",
+    "resolve_config",
+]
 
 
 @dataclass
@@ -108,7 +116,8 @@ def _flatten(data: Mapping[str, Any], label: str, prefix: str = "") -> dict[str,
     return out
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+def nest_paths(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{dotted path: value} -> the nested mapping a YAML config file holds (the inverse of flattening)."""
     root: dict[str, Any] = {}
     for path, value in flat.items():
         node = root
@@ -204,7 +213,7 @@ def resolve_config(
             flat[path] = value
             sources[path] = layer.label
     try:
-        config = RunConfig.model_validate(_nest(flat))
+        config = RunConfig.model_validate(nest_paths(flat))
     except ValidationError as exc:
         raise _translate(exc, flat, sources) from None
     return Resolved(config=config, preset=str(preset), warnings=config_warnings(config), sources=sources)
@@ -222,7 +231,7 @@ def override_config(config: RunConfig, values: Mapping[str, Any], label: str) ->
         path = canonical_key(key, label)
         flat[path], sources[path] = value, label
     try:
-        return RunConfig.model_validate(_nest(flat))
+        return RunConfig.model_validate(nest_paths(flat))
     except ValidationError as exc:
         raise _translate(exc, flat, sources) from None
 

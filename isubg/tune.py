@@ -48,16 +48,16 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from isubg import __version__
-from isubg.config import ConfigWarning, RunConfig
+from isubg.config import ConfigWarning, RunConfig, config_diff, get_value
 from isubg.errors import ConfigError, DataError, ResourceError
 from isubg.plans import Dimension, Plan, Slot, expand
+from isubg.presets import is_file_ref
 from isubg.resolve import override_config, resolve_config
 from isubg.train import train
-from isubg.tune_report import open_storage
+from isubg.tune_report import default_storage, matches, open_storage
 
-__all__ = ["JOURNAL", "TuneRequest", "WorkerReport", "build_request", "run_study", "study_name"]
+__all__ = ["TuneRequest", "WorkerReport", "build_request", "run_study", "study_name"]
 
-JOURNAL = "studies.journal"  # the default storage: a journal file in the output folder
 READY_WAIT_S = 120.0  # how long a joining worker waits for the creator to finish filling the study
 POLL_S = 2.0  # a worker waiting for an earlier staged step to finish looks again this often
 
@@ -86,7 +86,6 @@ class WorkerReport:
 
     study: str
     ran: list[int] = field(default_factory=list)  # trial numbers this worker trained
-    notes: list[str] = field(default_factory=list)
     interrupted: bool = False
 
 
@@ -121,14 +120,14 @@ def build_request(
         pinned=pinned,
         data_dir=find_data(cfg),
         output=output,
-        storage=cfg.tune.storage or str(output / JOURNAL),
+        storage=default_storage(cfg.tune.storage, output),
     )
     return request, resolved.warnings
 
 
 def study_name(plan: str, preset: str) -> str:
     """The default study name: `<plan>-<preset>` (a preset file contributes its stem)."""
-    return f"{plan}-{Path(preset).stem if preset.endswith(('.yaml', '.yml')) else preset}"
+    return f"{plan}-{Path(preset).stem if is_file_ref(preset) else preset}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,14 +143,15 @@ def _pruner(cfg: RunConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    """The config as JSON, without the settings that may differ between workers of one study."""
-    data = cfg.model_dump(mode="json")
-    data.pop("tune", None)
-    data["train"].pop("output", None)
-    data["train"].pop("device", None)
-    data["data"].pop("root", None)  # each machine has its own copy of the data
-    return data
+# Settings that may differ between the workers of one study (each machine has its own data copy and device).
+_PER_WORKER = ("tune.", "train.output", "train.device", "data.root")
+
+
+def _differences(theirs: RunConfig, ours: RunConfig) -> list[str]:
+    """The base-config differences that matter for joining a study, as "path: theirs there, ours here"."""
+    return [
+        f"{path}: {a!r} there, {b!r} here" for path, a, b in config_diff(theirs, ours) if not matches(path, _PER_WORKER)
+    ]
 
 
 def _fill(study: optuna.Study, req: TuneRequest, slots: list[Slot]) -> None:
@@ -188,8 +188,6 @@ def _fill(study: optuna.Study, req: TuneRequest, slots: list[Slot]) -> None:
 
 
 def _base_value(base: RunConfig, path: str) -> Any:
-    from isubg.config import get_value
-
     value = get_value(base, path)
     return str(value) if isinstance(value, Path) else value
 
@@ -249,10 +247,8 @@ def _check_same(study: optuna.Study, req: TuneRequest) -> None:
     problems = []
     if attrs["isubg.plan"] != req.plan.model_dump(mode="json"):
         problems.append(f"plan {attrs['isubg.plan'].get('name')} (you asked for {req.plan.name}, or its file changed)")
-    if _comparable(theirs) != _comparable(req.base):
-        from isubg.config import config_diff
-
-        diffs = [f"{p}: {a!r} there, {b!r} here" for p, a, b in config_diff(theirs, req.base)]
+    diffs = _differences(theirs, req.base)
+    if diffs:
         problems.append("base configuration (" + "; ".join(diffs[:5]) + ")")
     if attrs.get("isubg.seeds") != req.base.tune.seeds:
         problems.append(f"seeds {attrs.get('isubg.seeds')} (you asked for {req.base.tune.seeds})")

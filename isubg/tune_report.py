@@ -18,20 +18,26 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from isubg.config import ConfigError, RunConfig, config_diff, format_value
-from isubg.resolve import override_config
+from isubg.data.files import write_text_atomic
+from isubg.presets import is_file_ref
+from isubg.resolve import nest_paths, override_config
 from isubg.yamlio import dump_yaml
 
 __all__ = [
+    "JOURNAL",
     "StudyReport",
     "TrialRow",
+    "default_storage",
     "export_preset",
     "list_studies",
     "load_study",
+    "matches",
     "open_storage",
     "plot_study",
     "study_report",
 ]
 
+JOURNAL = "studies.journal"  # the default storage: a journal file in the tune output folder
 _ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 3}
 _NOT_EXPORTED = ("train.output", "tune.")  # where a run goes and how it was tuned are not part of a preset
 
@@ -121,6 +127,11 @@ def open_storage(ref: str | Path) -> optuna.storages.BaseStorage:
         raise ConfigError(f"--storage {text}: cannot open it as an Optuna storage: {exc}") from None
 
 
+def default_storage(storage: str | None, output: Path) -> str:
+    """The storage to use: the one given, else the journal file in the output folder."""
+    return storage or str(output / JOURNAL)
+
+
 def load_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """The study `name` in `storage`, checked to be an isubg study.
 
@@ -195,8 +206,9 @@ def best_config(study: optuna.Study, trial: FrozenTrial) -> RunConfig:
     return override_config(base, overrides, f"trial {trial.number}")
 
 
-def _exported(path: str) -> bool:
-    return not any(path == p or (p.endswith(".") and path.startswith(p)) for p in _NOT_EXPORTED)
+def matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a dotted path is one of `patterns` or lies under one ending in "." (a section: "tune.")."""
+    return any(path == p or (p.endswith(".") and path.startswith(p)) for p in patterns)
 
 
 def study_report(study: optuna.Study) -> StudyReport:
@@ -215,7 +227,7 @@ def study_report(study: optuna.Study) -> StudyReport:
         best_diff = [
             (path, *(str(v) if isinstance(v, Path) else v for v in pair))
             for path, *pair in config_diff(preset_cfg, best_config(study, best_trial))
-            if _exported(path)
+            if not matches(path, _NOT_EXPORTED)
         ]
     plan = attrs["isubg.plan"]
     importances, notes = _importances(complete, staged=plan.get("kind") == "staged")
@@ -264,38 +276,30 @@ def _importances(complete: list[FrozenTrial], staged: bool) -> tuple[dict[str, d
 # Export and plots
 
 
-def export_preset(study: optuna.Study, path: Path) -> Path:
-    """Write the best trial's configuration as a preset YAML (`extends` the study's preset, then the diff).
+def export_preset(report: StudyReport, path: Path) -> Path:
+    """Write a study's best configuration as a preset YAML (`extends` the study's preset, then the diff).
 
     `isubg train --config FILE` (or `--preset FILE`) trains it.
 
     Raises:
-        ConfigError: the study has no completed trial.
+        ConfigError: the study has no completed trial, or `path` cannot be written.
     """
-    report = study_report(study)
     if report.best is None:
-        raise ConfigError(f"study '{study.study_name}' has no completed trial yet; nothing to export")
-    nested: dict[str, Any] = {}
-    for dotted, _, value in report.best_diff:
-        node = nested
-        *sections, leaf = dotted.split(".")
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[leaf] = str(value) if isinstance(value, Path) else value
+        raise ConfigError(f"study '{report.study}' has no completed trial yet; nothing to export")
+    nested = nest_paths({dotted: value for dotted, _, value in report.best_diff})  # Paths are already text
     preset = report.preset
-    extends = str(Path(preset).resolve()) if preset.endswith((".yaml", ".yml")) or "/" in preset else preset
+    extends = str(Path(preset).resolve()) if is_file_ref(preset) else preset
     best = report.best
     spread = f" ± {100 * best.std:.1f}" if best.std and len(best.scores) > 1 else ""
     header = (
-        f"best configuration of isubg tune study '{study.study_name}' (plan {report.plan}): trial {best.number}, "
+        f"best configuration of isubg tune study '{report.study}' (plan {report.plan}): trial {best.number}, "
         f"validation accuracy {100 * (best.mean or 0):.1f}%{spread} over {len(best.scores)} seed(s).\n"
         f"Train it: isubg train --config {path.name}"
     )
-    text = dump_yaml({"extends": extends, **nested}, header=header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        write_text_atomic(path, dump_yaml({"extends": extends, **nested}, header=header))
+    except OSError as exc:
+        raise ConfigError(f"--export-preset {path}: cannot write it ({exc.strerror or exc})") from None
     return path
 
 

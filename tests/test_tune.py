@@ -23,12 +23,11 @@ from test_train import FAST
 from typer.testing import CliRunner
 
 from isubg.cli import app
-from isubg.cli import tune as cli_tune
 from isubg.config import ConfigError, get_value
 from isubg.plans import dimension, expand, list_plans, load_plan, parse_param
 from isubg.resolve import resolve_config
-from isubg.tune import JOURNAL, build_request, run_study
-from isubg.tune_report import export_preset, load_study, open_storage, study_report
+from isubg.tune import build_request, run_study
+from isubg.tune_report import JOURNAL, export_preset, load_study, open_storage, study_report
 
 runner = CliRunner()
 
@@ -200,6 +199,14 @@ def test_report_text_plots_and_exported_preset_trains(grid_study: Path, tmp_path
     assert cfg.train.lr == best.params["train.lr"] and cfg.train.epochs == 1
 
 
+def test_export_to_an_unwritable_place_is_a_one_line_error(grid_study: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["tune", "report", "lr-demo", "--output", str(grid_study), "--export-preset", str(blocker / "best.yaml")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--export-preset" in result.output and "cannot write it" in result.output
+
+
 def test_failures_are_recorded_with_the_reason_and_the_study_goes_on(tiny_demo: Path, tmp_path: Path) -> None:
     plan = load_plan(
         write_plan(tmp_path, "mixed", "kind: grid\npoints: [{dropout: 1.5}, {lr: 1.0e+6}, {dropout: 0.3}]\n")
@@ -275,7 +282,6 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "give them with --param" in result.output
     result = runner.invoke(app, ["tune", "report", "nope", "--output", str(tmp_path)])
     assert result.exit_code == 2 and "no study storage" in result.output
-    assert cli_tune.JOURNAL == JOURNAL
 
 
 def test_report_does_not_import_torch(grid_study: Path) -> None:
@@ -297,8 +303,9 @@ def test_report_names_the_studies_in_a_storage(grid_study: Path) -> None:
 def test_export_needs_a_completed_trial(tiny_demo: Path, tmp_path: Path) -> None:
     plan = load_plan(write_plan(tmp_path, "bad", "kind: grid\npoints: [{dropout: 1.5}]\n"))
     run_study(request(plan, tiny_demo, tmp_path), say=lambda _: None)
+    report = study_report(load_study("bad-demo", open_storage(tmp_path / JOURNAL)))
     with pytest.raises(ConfigError, match="no completed trial"):
-        export_preset(load_study("bad-demo", open_storage(tmp_path / JOURNAL)), tmp_path / "x.yaml")
+        export_preset(report, tmp_path / "x.yaml")
     assert get_value(resolve_config("demo").config, "tune.pruner") == "median"
 
 
@@ -313,6 +320,15 @@ def _worker(tiny_demo: Path, output: Path, plan: Path, *extra: str) -> subproces
         [sys.executable, "-m", "isubg", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True,
     )  # fmt: skip
+
+
+def _wait_for_first_step(worker: subprocess.Popen[str], study_dir: Path) -> None:
+    """Return once trial 0's first seed has logged an optimizer step (the worker is mid-trial)."""
+    metrics = study_dir / "trial-0000" / "seed-1204" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"event": "step"' in metrics.read_text()):
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0]
+        time.sleep(0.2)
 
 
 def test_two_workers_share_a_study_without_running_a_configuration_twice(tiny_demo: Path, tmp_path: Path) -> None:
@@ -336,11 +352,7 @@ def test_a_killed_worker_leaves_its_trial_failed_and_a_restart_completes_the_stu
 ) -> None:
     plan = write_plan(tmp_path, "pair", "kind: grid\npoints: [{dropout: 0.1}, {dropout: 0.2}]\n")
     worker = _worker(tiny_demo, tmp_path, plan, "--epochs", "3")
-    metrics = tmp_path / "pair-demo" / "trial-0000" / "seed-1204" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and '"event": "step"' in metrics.read_text()):
-        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0]
-        time.sleep(0.5)
+    _wait_for_first_step(worker, tmp_path / "pair-demo")
     os.killpg(worker.pid, signal.SIGKILL)  # mid-trial, no chance to clean up
     worker.wait(timeout=60)
     assert trials_of(tmp_path, "pair-demo")[0].state == TrialState.RUNNING
@@ -361,11 +373,7 @@ def test_a_killed_worker_leaves_its_trial_failed_and_a_restart_completes_the_stu
 def test_ctrl_c_fails_and_requeues_the_current_trial_and_the_study_resumes(tiny_demo: Path, tmp_path: Path) -> None:
     plan = write_plan(tmp_path, "one", "kind: grid\npoints: [{dropout: 0.1}]\n")
     worker = _worker(tiny_demo, tmp_path, plan, "--epochs", "3")
-    metrics = tmp_path / "one-demo" / "trial-0000" / "seed-1204" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and '"event": "step"' in metrics.read_text()):
-        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[0]
-        time.sleep(0.2)
+    _wait_for_first_step(worker, tmp_path / "one-demo")
     worker.send_signal(signal.SIGINT)
     output = worker.communicate(timeout=120)[0]
     assert worker.returncode == 130, output

@@ -19,7 +19,6 @@ app = typer.Typer(
 )
 
 DEFAULT_OUTPUT = Path("runs/tune")
-JOURNAL = "studies.journal"  # isubg.tune.JOURNAL (not imported here: isubg.tune imports torch)
 
 StorageOpt = Annotated[
     str | None,
@@ -34,10 +33,6 @@ OutputOpt = Annotated[
     Path,
     typer.Option("--output", "-o", metavar="DIR", help="Folder for the trials' run directories and the journal."),
 ]
-
-
-def _storage_ref(storage: str | None, output: Path) -> str:
-    return storage or str(output / JOURNAL)
 
 
 @app.command("plans")
@@ -166,11 +161,11 @@ def report(
     ] = None,
 ) -> None:
     """The study's trials ranked by mean accuracy (with std over seeds), the best configuration, importances."""
+    from isubg.tune_report import default_storage, list_studies, load_study, open_storage, plot_study, study_report
     from isubg.tune_report import export_preset as write_preset
-    from isubg.tune_report import list_studies, load_study, open_storage, plot_study, study_report
 
     with user_errors():
-        ref = _storage_ref(storage, output)
+        ref = default_storage(storage, output)
         if "://" not in ref and not Path(ref).is_file():
             raise ConfigError(f"no study storage at {ref}; give --storage URL|FILE or the --output DIR of tune run")
         if study is None:
@@ -181,7 +176,7 @@ def report(
         the_study = load_study(study, open_storage(ref))
         result = study_report(the_study)
         written = plot_study(the_study, plot) if plot is not None else []
-        exported = write_preset(the_study, export_preset) if export_preset is not None else None
+        exported = write_preset(result, export_preset) if export_preset is not None else None
     if json_output:
         print_json({**result.to_json(), "plots": [str(p) for p in written], "exported": str(exported or "") or None})
         return
