@@ -273,11 +273,9 @@ def load_plan(ref: str | Path, params: Iterable[str] = ()) -> Plan:
                 f"unknown plan '{ref}'; shipped plans: {', '.join(list_plans())}, or give a plan YAML file"
             )
     try:
-        data = load_yaml_file(path)
+        data = load_yaml_file(path)  # a mapping, or a YamlError naming the file
     except YamlError as exc:
         raise ConfigError(str(exc)) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a plan file is a mapping (name, kind, ...), got {type(data).__name__}")
     data.setdefault("name", path.stem)
     given = [parse_param(p) for p in params]
     if given:

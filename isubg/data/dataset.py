@@ -67,8 +67,8 @@ def graph_token_words(vocab: GraphVocab, dictionary: Dictionary) -> np.ndarray:
     for i, token in enumerate(vocab.tokens):
         if token.startswith("<") and token.endswith(">"):
             continue
-        ids = [dictionary.word_to_id(w) for w in tokenize(token) if w != PAD and w in dictionary]
-        out[i, : len(ids[:MAX_TOKEN_WORDS])] = ids[:MAX_TOKEN_WORDS]
+        ids = [dictionary.word_to_id(w) for w in tokenize(token) if w != PAD and w in dictionary][:MAX_TOKEN_WORDS]
+        out[i, : len(ids)] = ids
     return out
 
 
