@@ -138,6 +138,14 @@ class DataConfig(_Section):
         30, "Number of statistical (image label) words per image.", advice=_range(20, 50), seed=True, ge=1
     )
     tfidf: bool = _p(True, "Concatenate a tf-idf weighted word embedding.", advice=_note("keep true"), seed=True)
+    scene_graphs: Literal["auto", "gt", "detected"] = _p(
+        "auto",
+        "Where scene graphs and stat words come from. 'auto': the ground-truth graph where the image has one "
+        "(GQA splits prepared with a scene-graph file), else the graph built from the detector boxes; stat words "
+        "from the detector labels. 'gt': graphs and stat words from the ground-truth graphs (a split without "
+        "them is an error). 'detected': both from the detector, as at test time (GQA testdev/test have no public "
+        "scene graphs).",
+    )
     num_workers: Int = _p(2, "DataLoader worker processes (0 loads in the main process).", ge=0)
     in_memory: bool = _p(False, "Read the whole feature file into RAM instead of lazily from disk.")
     train_limit: Int | None = _p(

@@ -100,7 +100,7 @@ class WorstCase:
         stat_words: S, data.num_stat_word.
         nodes, edges: the largest scene graph (edges with the reverse edges the dataset adds).
         num_answers, num_words, num_graph_tokens, feature_dim: data sizes (DataSpec).
-        graph_source: where nodes/edges come from ("bound" or the graphs.json path).
+        graph_source: where nodes/edges come from ("bound" or the processed folder's graph files).
     """
 
     boxes: int
@@ -137,31 +137,35 @@ class WorstCase:
 
 
 def largest_graph(folder: Path) -> tuple[int, int]:
-    """(most nodes, most edges) over the scene graphs of a processed folder's graphs.json.
+    """(most nodes, most edges) over the scene graphs of a processed folder: graphs_gt.json and graphs_detected.json.
 
-    Edges count the reverse edges the dataset adds (isubg.data.scene_graphs.to_pyg), as the model sees them.
+    Both files count whatever data.scene_graphs picks, so the bound holds for every mode and split. Edges count
+    the reverse edges the dataset adds (isubg.data.scene_graphs.to_pyg), as the model sees them.
 
     Raises:
-        DataError: graphs.json is missing or malformed.
+        DataError: a graph file is missing or malformed, or neither holds a graph.
     """
     from isubg.data.files import read_json
     from isubg.errors import DataError
 
-    path = Path(folder) / "graphs.json"
-    graphs = read_json(path)
-    if not isinstance(graphs, dict) or not graphs:
-        raise DataError(f"{path}: expected an object of image id -> scene graph with at least one graph")
-    most_nodes = most_edges = 0
-    for image_id, graph in graphs.items():
-        try:
-            pairs = [(int(s), int(t)) for s, t in graph["edges"]]
-            nodes = len(graph["names"])
-        except (KeyError, TypeError, ValueError):
-            why = "a scene graph needs 'names' and 'edges' [[source, target], ...]"
-            raise DataError(f"{path}: image {image_id}: {why}") from None
-        present = set(pairs)
-        added = {(t, s) for s, t in pairs} - present
-        most_nodes, most_edges = max(most_nodes, nodes), max(most_edges, len(pairs) + len(added))
+    most_nodes = most_edges = found = 0
+    for name in ("graphs_gt.json", "graphs_detected.json"):
+        path = Path(folder) / name
+        graphs = read_json(path)
+        if not isinstance(graphs, dict):
+            raise DataError(f"{path}: expected an object of image id -> scene graph")
+        found += len(graphs)
+        for image_id, graph in graphs.items():
+            try:
+                pairs = [(int(s), int(t)) for s, t in graph["edges"]]
+                nodes = len(graph["names"])
+            except (KeyError, TypeError, ValueError):
+                why = "a scene graph needs 'names' and 'edges' [[source, target], ...]"
+                raise DataError(f"{path}: image {image_id}: {why}") from None
+            added = {(t, s) for s, t in pairs} - set(pairs)
+            most_nodes, most_edges = max(most_nodes, nodes), max(most_edges, len(pairs) + len(added))
+    if not found:
+        raise DataError(f"{folder}: graphs_gt.json and graphs_detected.json hold no scene graph")
     return max(most_nodes, 1), most_edges
 
 

@@ -3,7 +3,8 @@
 `metrics.jsonl` holds one JSON object per line, keyed by "event" (`isubg report` reads it):
 
     start   time, device, precision, precision_reason, params (per branch, fusion, total), effective_batch,
-            train_size, val_size, majority_baseline, branches, epochs, world_size, data
+            train_size, val_size, majority_baseline, branches, epochs, world_size, data, scene_graphs (the
+            data.scene_graphs mode), inputs (the banner's line of scene-graph and stat-word sources)
     step    step, epoch (1-based), loss (mean since the last record), lr, xvlm_lr, samples_per_s, memory_mib,
             grad_norm
     epoch   epoch (1-based), step, train_loss, val_acc {branch..., fused, ens, bound}, score (fused), best,
@@ -31,6 +32,7 @@ from rich.table import Table
 from isubg.config import RunConfig
 from isubg.console import err_console
 from isubg.data.files import write_json_atomic
+from isubg.data.prepare import describe_sources, read_manifest
 from isubg.device import Precision, memory_mib, peak_memory_mib
 
 __all__ = ["TrainResult", "TrainUI", "pct"]
@@ -112,7 +114,8 @@ class TrainUI:
         baseline: float | None,
         data_dir: Path,
     ) -> None:
-        """The banner: device, precision and why, parameters per branch, effective batch, data, run dir."""
+        """The banner: device, precision and why, parameters per branch, effective batch, data and where its
+        scene graphs and stat words come from (data.scene_graphs), run dir."""
         self._device = device
         if not self.main:
             return
@@ -121,6 +124,8 @@ class TrainUI:
             self.record("resume", step=step, epoch=epoch + 1)
             self.log(f"resuming {self.run_dir} at epoch {epoch + 1}, micro-batch {batch}, step {step}")
         branch_params = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items() if k not in ("total", "fusion"))
+        d = cfg.data
+        inputs = describe_sources(read_manifest(Path(data_dir)), [d.train_split, d.val_split], d.scene_graphs, data_dir)
         lines = [
             f"isubg train -> {self.run_dir}",
             f"  device      {device}" + (f" x {world} processes" if world > 1 else ""),
@@ -129,6 +134,7 @@ class TrainUI:
             f"  batch       {cfg.train.batch_size} x update_freq {cfg.train.update_freq} x accumulation "
             f"{cfg.optim.gradient_accumulation_steps} x {world} process(es) = {cfg.effective_batch * world} per update",
             f"  data        {cfg.data.dataset} {data_dir}: {n_train} train / {n_val} validation questions",
+            f"  inputs      {inputs}",
             f"  schedule    {cfg.train.epochs} epochs, lr {cfg.train.lr:g} ({cfg.train.schedule}), "
             f"xvlm_lr {cfg.train.xvlm_lr:g}, clip {cfg.optim.clip_norm:g}",
             f"  baseline    majority answer: {pct(baseline)}% validation accuracy",
@@ -141,7 +147,7 @@ class TrainUI:
                 precision=precision.name, precision_reason=precision.reason, params=params,
                 effective_batch=cfg.effective_batch * world, train_size=n_train, val_size=n_val,
                 majority_baseline=baseline, branches=list(cfg.model.branches), epochs=cfg.train.epochs,
-                world_size=world, data=str(data_dir),
+                world_size=world, data=str(data_dir), scene_graphs=d.scene_graphs, inputs=inputs,
             )  # fmt: skip
 
     def begin_epoch(self, epoch: int, done: int, total: int) -> None:

@@ -184,6 +184,7 @@ def open_split(cfg: RunConfig, folder: Path, split: str, limit: int | None) -> V
         in_memory=d.in_memory,
         image_root=image_root,
         image_res=image_res,
+        scene_graphs=d.scene_graphs,
     )
     if limit is not None:
         dataset.records = dataset.records[:limit]

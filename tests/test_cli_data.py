@@ -80,7 +80,8 @@ def test_prepare_through_the_cli(runner: CliRunner, tmp_path: Path) -> None:
     args = ["data", "prepare", "gqa", str(raw), "--features", str(tmp_path / "feats.h5"), "-o", str(out)]
     result = runner.invoke(app, [*args, "--splits", "train,val"])
     assert result.exit_code == 0, result.output
-    assert "train: 3 questions, 2 images" in result.output
+    assert "train: 3 questions, 2 images" in result.output and "ground-truth and detector scene graphs" in result.output
+    assert "detected stat words are empty" in result.output  # these features carry no detector labels
     again = runner.invoke(app, [*args, "--splits", "train,val"])
     assert again.exit_code == 2 and "--force" in again.output
     missing = runner.invoke(app, [*args, "--splits", "train,testdev", "--force"])

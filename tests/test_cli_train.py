@@ -42,6 +42,11 @@ def test_train_prints_banner_epochs_and_summary(trained: Path) -> None:
     for words in ("device", "precision", "parameters", "per update", "train /", "majority answer", "epoch 1/1"):
         assert words in log
     assert "finished" in log and "vs majority baseline" in log
+    # data.scene_graphs auto on GQA: the official graphs of train and val, the detector's stat words.
+    inputs = "scene graphs: ground truth (train), ground truth (val); stat words: detector"
+    assert f"inputs      {inputs}" in log
+    start = json.loads((trained / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["inputs"] == inputs and start["scene_graphs"] == "auto"
 
 
 def test_seed_flags_reach_the_config(tiny_demo: Path, tmp_path: Path) -> None:
@@ -108,6 +113,12 @@ def test_eval_exports_official_formats_that_score_like_the_official_scripts(
         scores = [official_gqa(p["prediction"], truth[p["questionId"]]["answer"]) for p in predictions]
     assert report["accuracy"]["fused"] == pytest.approx(sum(scores) / len(scores), abs=1e-12)
     assert report["per_type"] and {e["question_id"] for e in json.loads(explained.read_text())} == set(truth)
+    graphs = "ground truth" if kind == "gqa" else "detector"  # VQA has no ground-truth scene graphs
+    assert report["inputs"] == {"split": "val", "scene_graphs": "auto", "graphs": graphs, "stat_words": "detector"}
+    if kind == "gqa":  # the same run read with the detector's graphs; its testdev has ground truth in the demo
+        result = RUNNER.invoke(app, ["eval", str(run_dir), "--scene-graphs", "detected", "--split", "testdev"])
+        assert result.exit_code == 0, result.output
+        assert "testdev: scene graphs detector; stat words detector (data.scene_graphs=detected)" in result.output
 
 
 def test_eval_of_a_missing_run_is_a_clear_error(tmp_path: Path) -> None:

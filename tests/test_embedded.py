@@ -13,6 +13,7 @@ from isubg.data.dataset import VQADataset, collate
 from isubg.data.demo import GENERATOR_VERSION
 from isubg.data.embedded import demo_dir, ensure_demo
 from isubg.data.inspect import inspect_processed
+from isubg.data.prepare import FORMAT_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_prepares_and_inspects_clean(demo: Path, dataset: str) -> None:
     report = inspect_processed(demo / "processed" / dataset)
     assert report.problems == []
+    # Both datasets get the detector vocabularies: named detector graphs and stat words from both label kinds.
+    assert report.summary["detector stat words"] == "from the object names and attribute names"
     assert set(json.loads((demo / "processed" / dataset / "manifest.json").read_text())["splits"]) == {
         "train", "val", "testdev",
     }  # fmt: skip
@@ -71,6 +74,19 @@ def test_ensure_demo_rebuilds_a_cache_of_an_older_generator(tmp_path: Path, monk
     again = ensure_demo("tiny", 2)
     assert again.generated is not None  # rebuilt
     assert json.loads(manifest.read_text())["version"] == GENERATOR_VERSION
+
+
+def test_ensure_demo_rebuilds_processed_folders_of_an_older_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A demo prepared by an older isubg cannot be read (read_manifest refuses it); it must be rebuilt, not reused.
+    monkeypatch.setenv("ISUBG_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = ensure_demo("tiny", 4).processed("gqa") / "manifest.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "format_version": 1}))
+    again = ensure_demo("tiny", 4)
+    assert again.generated is not None  # rebuilt
+    assert json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_demo_rejects_an_unknown_size() -> None:

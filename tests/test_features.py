@@ -32,7 +32,7 @@ def test_reads_the_reference_adaptive_layout(adaptive: tuple[Path, dict], in_mem
     boxes = store.get(1002)
     np.testing.assert_array_equal(boxes.features, feats[1002])
     assert boxes.boxes.shape == (60, 4) and boxes.spatials.shape == (60, 6) and boxes.total == 60
-    assert boxes.labels is None
+    assert boxes.labels is None and boxes.label_conf is None and boxes.attribute_conf is None
     assert store.image_ids == ["1001", "1002", "1003"]
 
 
@@ -54,6 +54,8 @@ def test_max_boxes_keeps_the_most_confident_when_the_file_has_confidences(tmp_pa
         f.create_dataset("objects_id", data=np.arange(6, dtype=np.int64))
     boxes = FeatureStore(path, max_boxes=3).get(7)
     np.testing.assert_array_equal(boxes.labels, [1, 3, 5])  # the top three, in stored order
+    np.testing.assert_array_equal(boxes.label_conf, conf[[1, 3, 5]])  # their confidences, kept alongside
+    assert boxes.attributes is None and boxes.attribute_conf is None
     np.testing.assert_array_equal(boxes.features, feats[7][[1, 3, 5]])
 
 

@@ -257,13 +257,18 @@ def test_worst_case_batch_has_every_sample_at_full_size() -> None:
 def test_largest_graph_counts_reverse_edges(tiny_demo: Path, tmp_path: Path) -> None:
     folder = tiny_demo / "processed" / "gqa"
     vocab = GraphVocab.load(folder / "graph_vocab.json")
-    pygs = [to_pyg(SceneGraph.from_json(g), vocab) for g in read_json(folder / "graphs.json").values()]
+    graphs = [g for kind in ("gt", "detected") for g in read_json(folder / f"graphs_{kind}.json").values()]
+    pygs = [to_pyg(SceneGraph.from_json(g), vocab) for g in graphs]
     assert largest_graph(folder) == (max(g.num_nodes for g in pygs), max(g.edge_index.shape[1] for g in pygs))
     cfg = resolve_config("default").config
     worst = WorstCase.for_config(cfg, None, largest_graph(folder), source="x")
     assert (worst.nodes, worst.graph_source, worst.num_answers) == (largest_graph(folder)[0], "x", 1842)
-    (tmp_path / "graphs.json").write_text('{"1": {"names": ["a"]}}')
-    with pytest.raises(DataError, match=r"graphs\.json: image 1"):
+    (tmp_path / "graphs_gt.json").write_text("{}")
+    (tmp_path / "graphs_detected.json").write_text("{}")
+    with pytest.raises(DataError, match="hold no scene graph"):
+        largest_graph(tmp_path)
+    (tmp_path / "graphs_detected.json").write_text('{"1": {"names": ["a"]}}')
+    with pytest.raises(DataError, match=r"graphs_detected\.json: image 1"):
         largest_graph(tmp_path)
 
 
@@ -387,5 +392,5 @@ def test_cli_uses_the_sizes_and_largest_graph_of_the_data(tiny_demo: Path) -> No
     worst = json.loads(result.stdout)["worst_case"]
     folder = tiny_demo / "processed" / "gqa"
     assert (worst["graph_nodes"], worst["graph_edges"]) == largest_graph(folder)
-    assert worst["graph_source"] == str(folder / "graphs.json")
+    assert worst["graph_source"] == f"{folder / 'graphs_gt.json'} + {folder / 'graphs_detected.json'}"
     assert worst["answers"] == len(read_json(folder / "answers.json")["answers"])

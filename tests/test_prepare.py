@@ -13,6 +13,7 @@ from datafiles import write_adaptive_h5
 from isubg.data.dataset import VQADataset, collate, make_loader
 from isubg.data.inspect import inspect_processed
 from isubg.data.prepare import SplitFiles, discover_splits, prepare, read_manifest
+from isubg.data.text import Dictionary
 from isubg.errors import DataError
 
 GRAPHS = {
@@ -74,9 +75,15 @@ def gqa(tmp_path: Path) -> Path:
 
 def test_prepare_gqa_writes_the_processed_folder(gqa: Path) -> None:
     manifest = read_manifest(gqa)
+    assert manifest["format_version"] == 2
     assert manifest["splits"] == {"train": {"questions": 3, "images": 2}, "val": {"questions": 2, "images": 2}}
     assert manifest["unanswerable"] == {"train": 0, "val": 2}  # "no" and "maybe" are not training answers
-    for name in ("dictionary.json", "answers.json", "graph_vocab.json", "graphs.json", "stat_words.json", "tfidf.npz"):
+    assert manifest["scene_graphs"] == {
+        "gt_splits": ["train", "val"], "detected": True, "images_without_gt": {"train": 0, "val": 0},
+        "detector_labels": [],
+    }  # fmt: skip
+    for name in ("dictionary.json", "answers.json", "graph_vocab.json", "graphs_gt.json", "graphs_detected.json",
+                 "stat_words_gt.json", "stat_words_detected.json", "tfidf.npz"):  # fmt: skip
         assert name in manifest["files"]
     answers = json.loads((gqa / "answers.json").read_text())["answers"]
     assert sorted(answers) == ["dog", "white", "yes"]
@@ -86,8 +93,26 @@ def test_prepare_gqa_writes_the_processed_folder(gqa: Path) -> None:
     # "tennis racket" is a two-word object name: both tokens are entity words; "dog" too.
     words = ["what", "is", "the", "tennis", "racket", "to", "the", "right", "of"]
     assert [w for w, e in zip(words, racket["entity"], strict=True) if e] == ["tennis", "racket"]
-    graphs = json.loads((gqa / "graphs.json").read_text())
-    assert set(graphs) == {"101", "102", "103"}
+    for kind in ("gt", "detected"):
+        assert set(json.loads((gqa / f"graphs_{kind}.json").read_text())) == {"101", "102", "103"}
+    # Without detector labels, detector graphs name every box "object" and give no stat words.
+    detected = json.loads((gqa / "graphs_detected.json").read_text())["101"]
+    assert detected["names"] == ["object"] * 12
+    assert json.loads((gqa / "stat_words_detected.json").read_text()) == {"101": [], "102": [], "103": []}
+    # Ground-truth stat words: every name and attribute of image 101 once, in order; "tennis racket" -> "racket".
+    words = Dictionary.load(gqa / "dictionary.json")
+    stats = json.loads((gqa / "stat_words_gt.json").read_text())["101"]
+    assert [words.id_to_word(i) for i in stats] == ["dog", "brown", "small", "racket", "red"]
+
+
+def test_prepare_warns_when_the_detected_stat_words_are_empty(tmp_path: Path) -> None:
+    raw = _gqa_raw(tmp_path)
+    lines: list[str] = []
+    files = discover_splits("gqa", raw, ["train"])
+    report = prepare("gqa", files, tmp_path / "feats.h5", tmp_path / "p", log=lines.append)
+    (warning,) = report.warnings
+    assert "feats.h5 has no detector labels" in warning and "detected stat words are empty" in warning
+    assert warning in lines
 
 
 def test_dataset_and_collate(gqa: Path) -> None:
@@ -201,11 +226,20 @@ def test_prepare_vqa_builds_spatial_graphs_with_detector_names(tmp_path: Path) -
     # Official soft scores over normalised human answers: "two" counts as "2" (10 of 10 -> 1.0).
     two = records["1"]
     assert dict(zip((answers[i] for i in two["labels"]), two["scores"], strict=True))["2"] == 1.0
-    graph = json.loads((out / "graphs.json").read_text())["11"]
+    graph = json.loads((out / "graphs_detected.json").read_text())["11"]
     assert set(graph["names"]) == {"dog", "bus", "tree"}
     assert len(graph["names"]) == 15 and graph["relations"]
+    assert json.loads((out / "graphs_gt.json").read_text()) == {}
+    assert read_manifest(out)["scene_graphs"]["gt_splits"] == []
     data = VQADataset(out, "train", question_len=8, max_boxes=50, num_stat_word=5)
+    assert data.graph_sources == {"graphs": "detector", "stat_words": "detector"}
     assert collate([data[i] for i in range(3)], data.num_answers).graphs.num_graphs == 3
+    # Detector stat words by count (no confidences in this file): image 12's 10 boxes are dog, bus, tree, dog, ...
+    words = Dictionary.load(out / "dictionary.json")
+    stats = json.loads((out / "stat_words_detected.json").read_text())["12"]
+    assert [words.id_to_word(i) for i in stats] == ["dog", "bus", "tree"]
+    with pytest.raises(DataError, match=r"split 'train' have no ground-truth scene graph.*VQA has none"):
+        VQADataset(out, "train", question_len=8, max_boxes=50, num_stat_word=5, scene_graphs="gt")
 
 
 def test_inspect_processed_passes_and_catches_tampering(gqa: Path) -> None:
@@ -233,8 +267,6 @@ def test_prepare_with_glove_stores_the_dictionary_rows(tmp_path: Path) -> None:
     glove.write_text("the 0.1 0.2 0.3 0.4\ndog 1 2 3 4\nunrelated 9 9 9 9\n")
     out = tmp_path / "p"
     prepare("gqa", discover_splits("gqa", raw, ["train"]), tmp_path / "feats.h5", out, glove=glove)
-    from isubg.data.text import Dictionary
-
     words = Dictionary.load(out / "dictionary.json")
     stored = np.load(out / "glove.npz")
     assert stored["vectors"].shape == (len(words), 4) and int(stored["found"]) == 2
@@ -242,3 +274,113 @@ def test_prepare_with_glove_stores_the_dictionary_rows(tmp_path: Path) -> None:
     assert not stored["vectors"][0].any()  # <pad>
     tfidf = np.load(out / "tfidf.npz")
     assert tuple(tfidf["shape"]) == (len(words), len(words)) and len(tfidf["rows"]) == len(tfidf["values"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Ground-truth and detector scene graphs (data.scene_graphs)
+
+TESTDEV = {
+    "q6": {"imageId": "104", "question": "What is the dog holding?", "answer": "racket",
+           "types": {"structural": "query", "semantic": "rel", "detailed": "relO"}},
+    "q7": {"imageId": "103", "question": "Is there a cat?", "answer": "no",
+           "types": {"structural": "verify", "semantic": "obj", "detailed": "exist"}},
+}  # fmt: skip
+
+# Image 104's four detector boxes (the last four feature rows): class, its confidence, attribute, its confidence.
+BOXES_104 = [(0, 0.3, 0, 0.5), (1, 0.9, 1, 0.1), (0, 0.4, 1, 0.2), (2, 0.2, 0, 0.05)]
+
+
+def _gqa_with_testdev(root: Path) -> Path:
+    """The GQA files plus a testdev split without a scene-graph file (as in the official release), whose image
+    104 has no ground-truth graph and whose image 103 has one in val's file; features with detector labels."""
+    raw = _gqa_raw(root)
+    (raw / "questions" / "testdev_balanced_questions.json").write_text(json.dumps(TESTDEV))
+    write_adaptive_h5(root / "feats.h5", {101: 12, 102: 30, 103: 60, 104: 4})
+    rows = 12 + 30 + 60
+    columns = np.asarray([[0, 0.5, 1, 0.5]] * rows + BOXES_104)
+    import h5py
+
+    with h5py.File(root / "feats.h5", "a") as f:
+        for key, column, dtype in (("objects_id", 0, np.int64), ("objects_conf", 1, np.float32),
+                                   ("attrs_id", 2, np.int64), ("attrs_conf", 3, np.float32)):  # fmt: skip
+            f.create_dataset(key, data=columns[:, column].astype(dtype))
+    (root / "objects_vocab.txt").write_text("dog\ntennis racket,racquet\ntree\n")
+    (root / "attributes_vocab.txt").write_text("brown\nsmall\n")
+    return raw
+
+
+@pytest.fixture
+def with_testdev(tmp_path: Path) -> Path:
+    raw = _gqa_with_testdev(tmp_path)
+    files = discover_splits("gqa", raw, ["train", "val", "testdev"])
+    assert files["testdev"].scene_graphs is None and files["val"].scene_graphs is not None
+    out = tmp_path / "processed"
+    vocabs = {"object_vocab": tmp_path / "objects_vocab.txt", "attribute_vocab": tmp_path / "attributes_vocab.txt"}
+    report = prepare("gqa", files, tmp_path / "feats.h5", out, **vocabs)
+    assert report.gt_splits == ["train", "val"] and report.warnings == []
+    return out
+
+
+def _open(folder: Path, split: str, mode: str = "auto") -> VQADataset:
+    return VQADataset(folder, split, question_len=6, max_boxes=50, num_stat_word=10, scene_graphs=mode)  # type: ignore[arg-type]
+
+
+def test_a_gqa_split_without_scene_graphs_gets_detector_graphs(with_testdev: Path) -> None:
+    manifest = read_manifest(with_testdev)
+    assert manifest["scene_graphs"]["gt_splits"] == ["train", "val"]
+    assert manifest["scene_graphs"]["images_without_gt"] == {"train": 0, "val": 0, "testdev": 1}
+    assert set(json.loads((with_testdev / "graphs_gt.json").read_text())) == {"101", "102", "103"}
+    assert set(json.loads((with_testdev / "graphs_detected.json").read_text())) == {"101", "102", "103", "104"}
+    testdev = _open(with_testdev, "testdev")
+    assert testdev.graph_sources == {
+        "graphs": "ground truth + detector (1 image without ground truth)", "stat_words": "detector",
+    }  # fmt: skip
+    detected = testdev.graph("104")  # no ground truth: the detector's boxes, named by the vocabularies
+    assert detected.names == ["dog", "tennis racket", "dog", "tree"]
+    assert detected.attributes == [["brown"], ["small"], ["small"], ["brown"]]
+    assert testdev.graph("103").names == ["<empty>"]  # val's ground-truth graph of the same image
+    assert collate([testdev[0], testdev[1]], testdev.num_answers).graphs.num_nodes == 4 + 1
+    assert inspect_processed(with_testdev).problems == []
+    assert "train, val prepared with scene graphs" in inspect_processed(with_testdev).summary["ground-truth graphs"]
+    with pytest.raises(DataError) as error:
+        _open(with_testdev, "testdev", "gt")
+    message = str(error.value)
+    assert f"{with_testdev}: data.scene_graphs is 'gt', but 1 of the 2 images of split 'testdev'" in message
+    assert "--set data.scene_graphs=auto" in message
+    assert _open(with_testdev, "train", "gt").graph_sources == {"graphs": "ground truth", "stat_words": "ground truth"}
+
+
+def test_detected_stat_words_rank_the_detector_labels_by_confidence(with_testdev: Path) -> None:
+    words = Dictionary.load(with_testdev / "dictionary.json")
+    stats = json.loads((with_testdev / "stat_words_detected.json").read_text())
+    # tennis racket 0.9, dog 0.3 + 0.4, brown 0.5 + 0.05, small 0.1 + 0.2, tree 0.2 (a name's last word each).
+    assert [words.id_to_word(i) for i in stats["104"]] == ["racket", "dog", "brown", "small", "tree"]
+    sample = _open(with_testdev, "testdev")[0]
+    assert sample.stat_tokens[: sample.stat_len].tolist() == stats["104"]
+    # auto reads the detector's stat words even where the ground-truth graph is used; gt reads the graph's.
+    train = _open(with_testdev, "train")
+    assert train.graph_sources == {"graphs": "ground truth", "stat_words": "detector"}
+    assert [words.id_to_word(i) for i in stats["101"]] == ["dog", "small"]  # every box: dog 0.5, small 0.5
+    assert train[0].stat_tokens[: train[0].stat_len].tolist() == stats["101"]
+    gt = _open(with_testdev, "train", "gt")[0]
+    assert [words.id_to_word(i) for i in gt.stat_tokens[: gt.stat_len]] == ["dog", "brown", "small", "racket", "red"]
+
+
+def test_detected_mode_gives_a_gqa_train_split_detector_graphs(with_testdev: Path) -> None:
+    train = _open(with_testdev, "train", "detected")
+    assert train.graph_sources == {"graphs": "detector", "stat_words": "detector"}
+    graph = train.graph("101")
+    assert graph.object_ids == [str(i) for i in range(12)] and set(graph.names) == {"dog"}  # 12 boxes, not 2 objects
+    assert train[0].graph.num_nodes == 12
+    assert _open(with_testdev, "train").graph("101").names == ["dog", "tennis racket"]  # auto: the official graph
+
+
+def test_a_folder_of_an_older_processed_format_is_rejected(gqa: Path) -> None:
+    manifest = json.loads((gqa / "manifest.json").read_text())
+    (gqa / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    expected = r"was prepared by an older isubg \(processed format 1; .*run `isubg data prepare` again"
+    with pytest.raises(DataError, match=expected):
+        read_manifest(gqa)
+    with pytest.raises(DataError, match=expected):
+        VQADataset(gqa, "train", question_len=4, max_boxes=4, num_stat_word=2)
+    assert any("older isubg" in p for p in inspect_processed(gqa).problems)

@@ -18,6 +18,7 @@ from isubg.data.scene_graphs import (
     SPATIAL_RELATIONS,
     GraphVocab,
     SceneGraph,
+    detector_stat_words,
     load_gqa_scene_graphs,
     spatial_scene_graph,
     stat_words,
@@ -457,3 +458,21 @@ def test_stat_words_rank_by_count_then_first_appearance() -> None:
 def test_stat_words_of_a_placeholder_graph_are_empty(official: dict[str, SceneGraph]) -> None:
     assert stat_words(official["img2"], 5) == []
     assert stat_words(official["img1"], 3) == ["wooden", "table", "brown"]
+
+
+def test_detector_stat_words_rank_by_summed_confidence_then_first_appearance() -> None:
+    names, attrs = ["dog", "tree", "dog", "cat"], ["brown", "green", "small", ""]
+    conf, attr_conf = [0.3, 0.9, 0.4, 0.5], [0.5, 0.1, 0.5, 0.99]
+    # tree 0.9, then dog 0.3 + 0.4 = 0.7; brown, small and cat tie at 0.5 and keep their order of first
+    # appearance (box by box, name before attribute); green 0.1 last; "" is no word.
+    ranked = detector_stat_words(names, attrs, 10, name_conf=conf, attribute_conf=attr_conf)
+    assert ranked == ["tree", "dog", "brown", "small", "cat", "green"]
+    assert detector_stat_words(names, attrs, 2, name_conf=conf, attribute_conf=attr_conf) == ["tree", "dog"]
+    # Without confidences the weight is a count: dog 2, then the rest once each in order of appearance.
+    assert detector_stat_words(names, attrs, 10) == ["dog", "brown", "tree", "green", "small", "cat"]
+    assert detector_stat_words(None, attrs, 10, name_conf=conf) == ["brown", "green", "small"]
+    assert detector_stat_words(None, None, 10) == [] and detector_stat_words([EMPTY], None, 10) == []
+    with pytest.raises(ValueError, match="one entry per box"):
+        detector_stat_words(names, attrs[:2], 10)
+    with pytest.raises(ValueError, match="num"):
+        detector_stat_words(names, attrs, -1)

@@ -116,15 +116,21 @@ def prepare(
         int | None, typer.Option(help="Keep answers seen this often in train (VQA default 9, GQA 1).", min=1)
     ] = None,
     object_vocab: Annotated[
-        Path | None, typer.Option(help="VQA: the detector's objects_vocab.txt, to name boxes in the graphs.")
+        Path | None,
+        typer.Option(help="The detector's objects_vocab.txt: names the boxes of the detector graphs and stat words."),
     ] = None,
-    attribute_vocab: Annotated[Path | None, typer.Option(help="VQA: the detector's attributes_vocab.txt.")] = None,
+    attribute_vocab: Annotated[
+        Path | None,
+        typer.Option(help="The detector's attributes_vocab.txt: box attributes in detector graphs and stat words."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUTPUT if it exists.")] = False,
 ) -> None:
     """Check the official files and build the processed folder training reads.
 
-    Every question's image must have features (and, for GQA, a scene graph); VQA scene graphs are
-    built from the boxes. OUTPUT is replaced only after everything was written.
+    Every question's image must have features (and, in a GQA split with a scene-graph file, a scene graph;
+    testdev and test have none). Every image also gets a scene graph and stat words built from the detector
+    boxes and labels; data.scene_graphs picks which a run reads. OUTPUT is replaced only after everything
+    was written.
     """
     from isubg.data.prepare import discover_splits
     from isubg.data.prepare import prepare as run_prepare
@@ -154,7 +160,13 @@ def prepare(
     console.print(f"Wrote {output} in {report.seconds:.1f} s: {report.dictionary} words, {report.answers} answers.")
     for split, counts in report.splits.items():
         lost = report.out_of_vocab.get(split, 0)
-        console.print(f"  {split}: {counts['questions']} questions, {counts['images']} images, {lost} unanswerable")
+        graphs = "ground-truth and detector" if split in report.gt_splits else "detector"
+        console.print(
+            f"  {split}: {counts['questions']} questions, {counts['images']} images, {lost} unanswerable; "
+            f"{graphs} scene graphs"
+        )
+    for warning in report.warnings:
+        err_console().print(warning, style="yellow", markup=False, highlight=False)
     console.print(f"Check it with: isubg data inspect {output}")
 
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from isubg.cli._common import JsonOpt, user_errors
 from isubg.console import err_console, out_console, print_json
+from isubg.errors import ConfigError
 
 __all__ = ["evaluate_run"]
 
@@ -31,6 +32,14 @@ def evaluate_run(
         Path | None, typer.Option("--data", metavar="DIR", help="Processed data folder; default: the run's.")
     ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Evaluation batch size.")] = None,
+    scene_graphs: Annotated[
+        str | None,
+        typer.Option(
+            "--scene-graphs",
+            metavar="auto|gt|detected",
+            help="Where scene graphs and stat words come from (data.scene_graphs); default: the run's.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     json_output: JsonOpt = False,
 ) -> None:
@@ -38,13 +47,21 @@ def evaluate_run(
 
     VQA uses the official VQA v2 accuracy (answer processing, 10-choose-9 soft score); GQA exact match.
     --export writes [{question_id, answer}] (VQA) or [{questionId, prediction}] (GQA) for the official scripts.
+    The scene graphs and stat words come from the run's data.scene_graphs; which ones is printed (and is
+    "inputs" in --json).
     """
     with user_errors():
-        result, paths = _run(run, split, export, explanations, data, batch_size, device)
+        result, paths, inputs = _run(run, split, export, explanations, data, batch_size, device, scene_graphs)
     if json_output:
-        print_json({**result.to_json(), "files": paths})
+        print_json({**result.to_json(), "inputs": inputs, "files": paths})
         return
     console = out_console()
+    console.print(
+        f"{inputs['split']}: scene graphs {inputs['graphs']}; stat words {inputs['stat_words']} "
+        f"(data.scene_graphs={inputs['scene_graphs']})",
+        highlight=False,
+        markup=False,
+    )
     for table in _tables(result):
         console.print(table)
     for what, path in paths.items():
@@ -59,7 +76,9 @@ def _run(
     data: Path | None,
     batch_size: int | None,
     device_name: str,
-) -> tuple[Any, dict[str, str]]:
+    scene_graphs: str | None = None,
+) -> tuple[Any, dict[str, str], dict[str, str]]:
+    """Evaluate; returns the result, the files written and where the split's graphs and stat words came from."""
     from isubg.checkpoint import find_checkpoint, load_checkpoint, vocab_checksum
     from isubg.cli.train import resolve_data_dir
     from isubg.config import RunConfig
@@ -67,11 +86,15 @@ def _run(
     from isubg.evaluate import evaluate, load_trained, write_explanations, write_predictions
     from isubg.train import Processes, make_batches, open_split
 
+    if scene_graphs not in (None, "auto", "gt", "detected"):
+        raise ConfigError(f"--scene-graphs must be auto, gt or detected, got {scene_graphs!r}")
     file = find_checkpoint(run)
     state = load_checkpoint(file)  # read once: it gives the config and the weights
     cfg = RunConfig.model_validate(state["config"])
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
+    if scene_graphs is not None:
+        cfg.data.scene_graphs = scene_graphs  # type: ignore[assignment]
     cfg.data.num_workers = 0  # evaluation is one pass; worker start-up costs more than it saves on small splits
     data_dir = resolve_data_dir(data or cfg.data.root, cfg.data.dataset, cfg.data.demo_size)
     dataset = open_split(cfg, data_dir, split or cfg.eval.split, None)
@@ -88,7 +111,8 @@ def _run(
     if explanations is not None:
         write_explanations(result, explanations)
         paths["explanations"] = str(explanations)
-    return result, paths
+    inputs = {"split": dataset.split, "scene_graphs": cfg.data.scene_graphs, **dataset.graph_sources}
+    return result, paths, inputs
 
 
 def _pct(value: float | None) -> str:

@@ -94,10 +94,17 @@ def _data_sizes(cfg: RunConfig) -> tuple[DataSpec | None, WorstCase]:
     folder = resolve_data_dir(cfg.data.root, cfg.data.dataset, cfg.data.demo_size)
     d = cfg.data
     data = VQADataset(
-        folder, d.train_split, question_len=d.question_len, max_boxes=d.max_boxes, num_stat_word=d.num_stat_word
+        folder,
+        d.train_split,
+        question_len=d.question_len,
+        max_boxes=d.max_boxes,
+        num_stat_word=d.num_stat_word,
+        scene_graphs=d.scene_graphs,
     )
     spec = data.spec()
-    return spec, WorstCase.for_config(cfg, spec, largest_graph(folder), source=str(folder / "graphs.json"))
+    # Both graph files: whichever a split reads, its largest graph is among them.
+    source = f"{folder / 'graphs_gt.json'} + {folder / 'graphs_detected.json'}"
+    return spec, WorstCase.for_config(cfg, spec, largest_graph(folder), source=source)
 
 
 def _with_micro_batch(cfg: RunConfig, batch: int | None) -> RunConfig:

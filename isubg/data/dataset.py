@@ -2,6 +2,8 @@
 
 `VQADataset` reads a folder written by `isubg data prepare` (or `isubg data demo`). Each item is a
 `Sample` of numpy arrays and one PyG graph; `collate` pads them into the `Batch` contract with masks.
+Its `scene_graphs` mode (data.scene_graphs) picks per image between the folder's ground-truth and detector
+graphs and stat words (isubg.data.prepare.graph_sources); `graph_sources` says which were used.
 `make_loader` builds a DataLoader whose order depends only on the seed and the epoch.
 """
 
@@ -23,7 +25,7 @@ from isubg.data.answers import AnswerVocab
 from isubg.data.features import FeatureStore
 from isubg.data.files import read_json
 from isubg.data.images import ImageLoader
-from isubg.data.prepare import read_manifest
+from isubg.data.prepare import SceneGraphMode, graph_sources, read_manifest
 from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
 from isubg.data.text import PAD, Dictionary, tokenize
 from isubg.errors import DataError
@@ -94,10 +96,18 @@ class VQADataset(Dataset[Sample]):
             `Batch.images`) for the X-VLM Swin/ViT encoder. None: no pixels.
         image_res: image side R (model.xvlm.image_res).
         dataset_name: "GQA" or "VQA", the image file-name rule; None: the manifest's dataset.
+        scene_graphs: data.scene_graphs. "auto": an image's ground-truth graph when it has one, else its
+            detector graph; detector stat words. "gt": ground-truth graphs and stat words. "detected": detector
+            graphs and stat words. Only the files the split needs are read.
+
+    Attributes:
+        graph_sources: {"graphs": ..., "stat_words": ...}, where this split's inputs come from, in words
+            (isubg.data.prepare.graph_sources), e.g. {"graphs": "ground truth", "stat_words": "detector"}.
 
     Raises:
-        DataError: not a processed folder, unknown or empty split, missing features, or an image root that is
-            not a folder. A missing image file is a DataError when its sample is read.
+        DataError: not a processed folder (or one of an older processed format), unknown or empty split,
+            missing features, an image root that is not a folder, or scene_graphs "gt" for a split whose images
+            lack ground-truth graphs. A missing image file is a DataError when its sample is read.
     """
 
     def __init__(
@@ -113,20 +123,23 @@ class VQADataset(Dataset[Sample]):
         image_root: Path | None = None,
         image_res: int = 480,
         dataset_name: str | None = None,
+        scene_graphs: SceneGraphMode = "auto",
     ) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if split not in self.manifest["splits"]:
             raise DataError(f"{self.folder}: no split '{split}'; it has {', '.join(self.manifest['splits'])}")
-        self.split = split
+        self.split, self.scene_graphs = split, scene_graphs
+        self.graph_sources = graph_sources(self.manifest, split, scene_graphs, self.folder)
         self.records: list[dict[str, Any]] = read_json(self.folder / f"questions_{split}.json")
         if not self.records:
             raise DataError(f"{self.folder}: split '{split}' holds no questions")
         self.question_len, self.num_stat_word = question_len, num_stat_word
         self.answers = AnswerVocab.from_json(read_json(self.folder / "answers.json"))
         self.graph_vocab = GraphVocab.load(self.folder / "graph_vocab.json")
-        self._graphs: dict[str, Any] = read_json(self.folder / "graphs.json")
-        self._stats: dict[str, list[int]] = read_json(self.folder / "stat_words.json")
+        self._graphs = self._read_graphs()
+        stats = "stat_words_gt.json" if scene_graphs == "gt" else "stat_words_detected.json"
+        self._stats: dict[str, list[int]] = read_json(self.folder / stats)
         path = Path(features) if features is not None else Path(self.manifest["features"]["path"])
         if not path.is_absolute():
             path = self.folder / path
@@ -168,13 +181,27 @@ class VQADataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _read_graphs(self) -> list[tuple[str, dict[str, Any]]]:
+        """(file name, image id -> graph) in the order `graph` looks: ground truth first, then detector.
+
+        A file the split does not need under its mode is not read: GQA's detector graphs of a split whose
+        images all have ground truth (or the reverse) would only take memory in every DataLoader worker.
+        """
+        sources = self.graph_sources["graphs"]
+        names = []
+        if self.scene_graphs != "detected" and sources != "detector":
+            names.append("graphs_gt.json")
+        if self.scene_graphs != "gt" and sources != "ground truth":
+            names.append("graphs_detected.json")
+        return [(name, read_json(self.folder / name)) for name in names]
+
     def graph(self, image_id: str) -> SceneGraph:
-        """The scene graph of an image."""
-        try:
-            raw = self._graphs[image_id]
-        except KeyError:
-            raise DataError(f"{self.folder}/graphs.json: no scene graph for image {image_id}") from None
-        return SceneGraph.from_json(raw, where=f"{self.folder}/graphs.json image {image_id}")
+        """The scene graph of an image, the one the model is fed under this dataset's `scene_graphs` mode."""
+        for name, graphs in self._graphs:
+            if image_id in graphs:
+                return SceneGraph.from_json(graphs[image_id], where=f"{self.folder}/{name} image {image_id}")
+        files = " or ".join(name for name, _ in self._graphs)
+        raise DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]

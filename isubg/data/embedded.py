@@ -2,7 +2,7 @@
 
 `isubg data demo` builds it where asked; training with no data given calls `ensure_demo()`, which
 builds it once under the cache folder and reuses it afterwards (a cache written by an older generator,
-whose demo.json has another `GENERATOR_VERSION`, is rebuilt in place):
+whose demo.json has another `GENERATOR_VERSION`, or prepared in an older processed format, is rebuilt in place):
 
     <cache>/demo/<size>-seed<seed>/        the raw files (see isubg.data.demo)
     <cache>/demo/<size>-seed<seed>/processed/gqa, .../processed/vqa   processed folders (isubg data prepare)
@@ -20,7 +20,8 @@ from typing import Literal
 
 from isubg.data.demo import GENERATOR_VERSION, DemoReport, generate_demo
 from isubg.data.files import read_json
-from isubg.data.prepare import PrepareReport, discover_splits, prepare
+from isubg.data.prepare import FORMAT_VERSION, PrepareReport, discover_splits, prepare
+from isubg.errors import DataError
 
 __all__ = ["DemoBuild", "build_demo", "cache_dir", "demo_dir", "ensure_demo", "processed_dir"]
 
@@ -61,7 +62,11 @@ class DemoBuild:
 def build_demo(
     out: Path, size: Size = "small", seed: int = 0, progress: Callable[[str], None] | None = None
 ) -> DemoBuild:
-    """Generate the demo world under `out` and prepare it as GQA and as VQA v2."""
+    """Generate the demo world under `out` and prepare it as GQA and as VQA v2.
+
+    Both are given the detector vocabularies, so both get named detector graphs and detector stat words; GQA
+    also gets the demo's ground-truth scene graphs of train, val and testdev.
+    """
     say = progress or (lambda _message: None)
     generated = generate_demo(out, size=size, seed=seed, progress=say)
     build = DemoBuild(root=out, generated=generated)
@@ -74,7 +79,8 @@ def build_demo(
             discover_splits(dataset, raw, ["train", "val", "testdev"]),  # type: ignore[arg-type]
             features,
             processed_dir(out, dataset),
-            object_vocab=out / "features" / "objects_vocab.txt" if dataset == "vqa" else None,
+            object_vocab=out / "features" / "objects_vocab.txt",
+            attribute_vocab=out / "features" / "attributes_vocab.txt",
             min_answer_count=1,  # the demo's answers are few; every training answer is a class
             log=say,
         )
@@ -85,7 +91,8 @@ def _is_complete(root: Path, size: str, seed: int) -> bool:
     """Whether `root` holds a whole, prepared demo of this size and seed made by the current generator.
 
     A demo written by an older generator (another `GENERATOR_VERSION` in demo.json, or none) is stale:
-    the same (size, seed) now gives another world, so it is rebuilt rather than trained on.
+    the same (size, seed) now gives another world, so it is rebuilt rather than trained on. So is one whose
+    processed folders have another processed format (`FORMAT_VERSION`): training could not read them.
     """
     manifest = root / "demo.json"
     if not manifest.exists():
@@ -93,7 +100,16 @@ def _is_complete(root: Path, size: str, seed: int) -> bool:
     info = read_json(manifest)
     if info.get("size") != size or info.get("seed") != seed or info.get("version") != GENERATOR_VERSION:
         return False
-    return all((processed_dir(root, d) / "manifest.json").exists() for d in DATASETS)
+    return all(_current_format(processed_dir(root, d) / "manifest.json") for d in DATASETS)
+
+
+def _current_format(manifest: Path) -> bool:
+    """Whether a processed folder's manifest exists and has this isubg's processed format."""
+    try:
+        info = read_json(manifest)
+    except DataError:
+        return False  # missing or unreadable: rebuilt like a stale one
+    return isinstance(info, dict) and info.get("format_version") == FORMAT_VERSION
 
 
 def ensure_demo(size: Size = "small", seed: int = 0, progress: Callable[[str], None] | None = None) -> DemoBuild:

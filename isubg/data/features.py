@@ -59,6 +59,8 @@ class ImageBoxes:
         labels: (n,) int64 detector class ids, or None when the file has no `objects_id`.
         attributes: (n,) int64 detector attribute ids, or None when the file has no `attrs_id`.
         total: how many boxes the image had before the limit.
+        label_conf: (n,) float32 confidence of each label, or None when the file has no `objects_conf`.
+        attribute_conf: (n,) float32 confidence of each attribute, or None when the file has no `attrs_conf`.
     """
 
     features: np.ndarray
@@ -67,6 +69,8 @@ class ImageBoxes:
     labels: np.ndarray | None
     attributes: np.ndarray | None
     total: int
+    label_conf: np.ndarray | None = None
+    attribute_conf: np.ndarray | None = None
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -286,6 +290,8 @@ class FeatureStore:
             labels=extra["objects_id"].astype(np.int64) if "objects_id" in extra else None,
             attributes=extra["attrs_id"].astype(np.int64) if "attrs_id" in extra else None,
             total=total,
+            label_conf=extra["objects_conf"].astype(np.float32) if "objects_conf" in extra else None,
+            attribute_conf=extra["attrs_conf"].astype(np.float32) if "attrs_conf" in extra else None,
         )
 
     def _keep(self, index: int, total: int) -> slice | np.ndarray:

@@ -1,4 +1,9 @@
-"""Summarise data files and check their cross-references, listing every problem found (not just the first)."""
+"""Summarise data files and check their cross-references, listing every problem found (not just the first).
+
+A processed folder's images must all have features, a detector graph and detector stat words; the images the
+manifest counts as having a ground-truth scene graph must be in graphs_gt.json and stat_words_gt.json. The
+summary says which scene-graph sources the folder holds.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ __all__ = ["InspectReport", "box_histogram", "inspect_features", "inspect_path",
 
 # Rows read per step when scanning a whole file for non-finite values: bounded memory on any size.
 _SCAN_ROWS = 65536
+# The per-image files of a processed folder (image id -> graph or stat word ids).
+_PER_IMAGE = ("graphs_gt.json", "graphs_detected.json", "stat_words_gt.json", "stat_words_detected.json")
+_EVERY_IMAGE = ("graphs_detected.json", "stat_words_detected.json")  # the others only where ground truth exists
 
 
 @dataclass
@@ -119,15 +127,15 @@ def _check_split(
 ) -> dict[str, int]:
     """Cross-reference one split's records; returns per-split counts."""
     store: FeatureStore = refs["store"]
-    missing: dict[str, set[str]] = {"features": set(), "graphs.json": set(), "stat_words.json": set()}
+    missing: dict[str, set[str]] = {"features": set(), **{name: set() for name in _EVERY_IMAGE}}
     bad_tokens = bad_labels = unanswerable = 0
     for r in records:
         image = r["image_id"]
-        for what, present in (("features", image in store), ("graphs.json", image in refs["graphs"])):
-            if not present:
-                missing[what].add(image)
-        if image not in refs["stats"]:
-            missing["stat_words.json"].add(image)
+        if image not in store:
+            missing["features"].add(image)
+        for name in _EVERY_IMAGE:
+            if image not in refs[name]:
+                missing[name].add(image)
         bad_tokens += any(not 0 <= t < refs["words"] for t in r["tokens"])
         if r["labels"] is not None:
             bad_labels += any(not 0 <= a < refs["answers"] for a in r["labels"])
@@ -140,7 +148,34 @@ def _check_split(
         problems.append(f"split {split}: {bad_tokens} question(s) hold word ids outside the dictionary")
     if bad_labels:
         problems.append(f"split {split}: {bad_labels} question(s) hold answer ids or scores out of range")
+    _check_gt(split, {r["image_id"] for r in records}, refs, problems)
     return {"questions": len(records), "images": len({r["image_id"] for r in records}), "unanswerable": unanswerable}
+
+
+def _check_gt(split: str, images: set[str], refs: dict[str, Any], problems: list[str]) -> None:
+    """The split's ground-truth graphs agree with the manifest's count, and each has its stat words."""
+    without = images - refs["graphs_gt.json"].keys()
+    recorded = refs["images_without_gt"].get(split)
+    if recorded != len(without):
+        problems.append(
+            f"split {split}: the manifest counts {recorded} image(s) without a ground-truth scene graph, "
+            f"graphs_gt.json lacks {len(without)}"
+        )
+    lacking = sorted((images - without) - refs["stat_words_gt.json"].keys())
+    if lacking:
+        problems.append(f"split {split}: {len(lacking)} image(s) missing from stat_words_gt.json, e.g. {lacking[0]}")
+
+
+def _sources_summary(manifest: dict[str, Any], refs: dict[str, Any]) -> dict[str, str]:
+    """Which scene graphs and stat words the folder holds, in words."""
+    info = manifest["scene_graphs"]
+    gt_splits = ", ".join(info["gt_splits"]) or "no split"
+    labels = " and ".join(info["detector_labels"])
+    return {
+        "ground-truth graphs": f"{len(refs['graphs_gt.json'])} images ({gt_splits} prepared with scene graphs)",
+        "detector graphs": f"{len(refs['graphs_detected.json'])} images (every image)",
+        "detector stat words": f"from the {labels}" if labels else "empty (no detector labels could be named)",
+    }
 
 
 def inspect_processed(folder: Path) -> InspectReport:
@@ -157,8 +192,8 @@ def inspect_processed(folder: Path) -> InspectReport:
         answers = read_json(folder / "answers.json")["answers"]
         refs = {
             "store": store,
-            "graphs": read_json(folder / "graphs.json"),
-            "stats": read_json(folder / "stat_words.json"),
+            **{name: read_json(folder / name) for name in _PER_IMAGE},
+            "images_without_gt": manifest["scene_graphs"]["images_without_gt"],
             "words": len(Dictionary.load(folder / "dictionary.json")),
             "answers": len(answers),
         }
@@ -170,6 +205,7 @@ def inspect_processed(folder: Path) -> InspectReport:
     counts = Counter(a for r in train if r["labels"] for a, s in zip(r["labels"], r["scores"], strict=True) if s == 1)
     top = counts.most_common(1)[0][0] if counts else None
     report.summary = {"dataset": manifest["dataset"], "answers": len(answers), "dictionary": refs["words"]}
+    report.summary.update(_sources_summary(manifest, refs))
     for split, records in splits.items():
         info = _check_split(split, records, refs, report.problems)
         if not records:

@@ -1,27 +1,35 @@
 """Build the processed data folder that training reads, from official GQA / VQA v2 files and box features.
 
-`prepare()` checks every cross-reference up front (each question's image has features and, for GQA,
-a scene graph) and writes, into a temporary folder renamed into place at the end:
+`prepare()` checks every cross-reference up front (each question's image has features and, for a GQA split
+given a scene-graph file, a scene graph) and writes, into a temporary folder renamed into place at the end:
 
-    manifest.json          dataset, splits and counts, settings, isubg version, sha256 of every file
-    dictionary.json        question words (+ scene-graph words, so stat words embed with the same table)
-    answers.json           the answer vocabulary (from the training split)
-    graph_vocab.json       scene-graph tokens (names, attributes, relations as whole phrases)
-    questions_<split>.json one record per question: ids, text, word ids, entity flags, targets, raw answers
-    graphs.json            image id -> scene graph (GQA: the official graph; VQA: built from the boxes)
-    stat_words.json        image id -> statistical word ids, most frequent first (up to 50)
-    tfidf.npz              the tf-idf weights over the training questions (rows, cols, values, shape)
-    glove.npz              GloVe rows for the dictionary (only when a GloVe file is given)
+    manifest.json            dataset, splits and counts, scene-graph sources, settings, isubg version, sha256s
+    dictionary.json          question words (+ the words of both kinds of graphs, so stat words embed alike)
+    answers.json             the answer vocabulary (from the training split)
+    graph_vocab.json         scene-graph tokens of both kinds of graphs (names, attributes, whole relations)
+    questions_<split>.json   one record per question: ids, text, word ids, entity flags, targets, raw answers
+    graphs_gt.json           image id -> the official GQA scene graph (only images that have one; {} for VQA)
+    graphs_detected.json     image id -> scene graph built from the detector boxes and labels (every image)
+    stat_words_gt.json       image id -> stat word ids from the ground-truth graph, most frequent first (<= 50)
+    stat_words_detected.json image id -> stat word ids from the detector labels, most confident first (<= 50)
+    tfidf.npz                the tf-idf weights over the training questions (rows, cols, values, shape)
+    glove.npz                GloVe rows for the dictionary (only when a GloVe file is given)
+
+Two kinds of scene graphs and stat words are kept because they are not equally honest: GQA's testdev and
+test images have no public scene graphs, so a model that reads ground-truth graphs (or stat words taken from
+them) sees more than it can at test time. Readers pick per `data.scene_graphs` (see `graph_sources`): `auto`
+takes the ground-truth graph where the image has one, else the detector's, and always the detector's stat
+words; `gt` takes both from the ground truth; `detected` both from the detector.
 
 Word dictionary: built from the question text of every split (no answers are used, so nothing leaks)
-plus the scene-graph names and attributes. Answer vocabulary: the training split only.
+plus the names and attributes of both kinds of graphs. Answer vocabulary: the training split only.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,14 +41,35 @@ from isubg.data import answers as ans
 from isubg.data.features import FeatureStore
 from isubg.data.files import read_json, sha256_file, write_json_atomic
 from isubg.data.questions import Question, load_gqa_questions, load_vqa_questions
-from isubg.data.scene_graphs import GraphVocab, SceneGraph, load_gqa_scene_graphs, spatial_scene_graph, stat_words
+from isubg.data.scene_graphs import (
+    GraphVocab,
+    SceneGraph,
+    detector_stat_words,
+    load_gqa_scene_graphs,
+    spatial_scene_graph,
+    stat_words,
+)
 from isubg.data.text import Dictionary, load_glove, tfidf_matrix, tokenize
 from isubg.errors import DataError
 
-__all__ = ["MAX_STAT_WORDS", "PrepareReport", "SplitFiles", "prepare"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_STAT_WORDS",
+    "PrepareReport",
+    "SceneGraphMode",
+    "SplitFiles",
+    "describe_sources",
+    "discover_splits",
+    "graph_sources",
+    "prepare",
+    "read_manifest",
+]
 
 MAX_STAT_WORDS = 50  # stored per image; training takes the first data.num_stat_word
+# 2: graphs_gt/graphs_detected and stat_words_gt/stat_words_detected replace graphs.json and stat_words.json.
+FORMAT_VERSION = 2
 Log = Callable[[str], None]
+SceneGraphMode = Literal["auto", "gt", "detected"]  # data.scene_graphs
 
 
 @dataclass(frozen=True)
@@ -49,7 +78,7 @@ class SplitFiles:
 
     questions: Path
     annotations: Path | None = None  # VQA labelled splits
-    scene_graphs: Path | None = None  # GQA
+    scene_graphs: Path | None = None  # GQA; None for a split without public scene graphs (testdev, test)
 
 
 @dataclass
@@ -62,6 +91,8 @@ class PrepareReport:
     answers: int = 0
     out_of_vocab: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    gt_splits: list[str] = field(default_factory=list)  # splits prepared with ground-truth scene graphs
+    warnings: list[str] = field(default_factory=list)  # worth a user's attention, e.g. empty detected stat words
 
 
 def _load_questions(dataset: str, files: SplitFiles) -> list[Question]:
@@ -82,10 +113,11 @@ def _check_features(store: FeatureStore, questions: dict[str, list[Question]]) -
 
 
 def _gqa_graphs(splits: dict[str, SplitFiles], questions: dict[str, list[Question]]) -> dict[str, SceneGraph]:
+    """The official graphs of the splits that have a scene-graph file; each of their images must have one."""
     graphs: dict[str, SceneGraph] = {}
     for split, files in splits.items():
         if files.scene_graphs is None:
-            raise DataError(f"GQA split {split}: no scene-graph file given (--scene-graphs)")
+            continue  # no public graphs (GQA testdev/test): its images get detector graphs only
         loaded = load_gqa_scene_graphs(files.scene_graphs)
         for q in questions[split]:
             if q.image_id not in loaded and q.image_id not in graphs:
@@ -115,12 +147,39 @@ def _name(vocab: list[str] | None, index: int, what: str, path: Path | None) -> 
     return vocab[index]
 
 
-def _vqa_graphs(
+def _named_labels(store: FeatureStore, objects: Path | None, attributes: Path | None) -> list[str]:
+    """Which detector labels can be named, and so give stat words: "object names" and/or "attribute names"."""
+    named = []
+    if "objects_id" in store.optional and objects is not None:
+        named.append("object names")
+    if "attrs_id" in store.optional and attributes is not None:
+        named.append("attribute names")
+    return named
+
+
+def _label_warning(store: FeatureStore, objects: Path | None, attributes: Path | None) -> str | None:
+    """A warning line when no detector label can be named, so that every detected stat-word list is empty."""
+    if _named_labels(store, objects, attributes):
+        return None
+    if not {"objects_id", "attrs_id"} & set(store.optional):
+        why = f"{store.path} has no detector labels (objects_id / attrs_id)"
+    else:
+        why = "neither --object-vocab nor --attribute-vocab names the detector labels of the features"
+    return f"warning: {why}, so the detected stat words are empty (data.scene_graphs auto and detected use them)"
+
+
+def _detected_graphs(
     store: FeatureStore, image_ids: Iterable[str], objects: Path | None, attributes: Path | None
-) -> dict[str, SceneGraph]:
-    """Scene graphs from the boxes (and detector labels when the features carry them)."""
+) -> tuple[dict[str, SceneGraph], dict[str, list[str]]]:
+    """Scene graphs and stat-word phrases built from the detector, for every image.
+
+    Graph nodes are the boxes, named by the detector's class when the features carry `objects_id` (else
+    "object"), with the box's attribute when they carry `attrs_id` and an attribute vocabulary is given. Stat
+    words rank only labels a vocabulary names (`detector_stat_words`): a box called "object" for want of a
+    vocabulary tells the model nothing.
+    """
     object_names, attribute_names = _read_vocab_lines(objects), _read_vocab_lines(attributes)
-    graphs = {}
+    graphs, words = {}, {}
     for image_id in image_ids:
         boxes = store.get(image_id)
         size = store.image_size(image_id)
@@ -129,11 +188,56 @@ def _vqa_graphs(
         labels = None
         if boxes.labels is not None:
             labels = [_name(object_names, int(i), "object", objects) for i in boxes.labels]
-        attrs = None
+        named_attrs = None
         if boxes.attributes is not None and attribute_names is not None:
-            attrs = [[_name(attribute_names, int(i), "attribute", attributes)] for i in boxes.attributes]
+            named_attrs = [_name(attribute_names, int(i), "attribute", attributes) for i in boxes.attributes]
+        attrs = None if named_attrs is None else [[a] for a in named_attrs]
         graphs[image_id] = spatial_scene_graph(pixel, width, height, labels=labels, attributes=attrs)
-    return graphs
+        words[image_id] = detector_stat_words(
+            labels if object_names is not None else None,
+            named_attrs,
+            MAX_STAT_WORDS,
+            name_conf=boxes.label_conf,
+            attribute_conf=boxes.attribute_conf,
+        )
+    return graphs, words
+
+
+@dataclass(frozen=True)
+class _SceneGraphs:
+    """Both kinds of scene graphs of the images used, and what the manifest records about them."""
+
+    gt: dict[str, SceneGraph]  # only images with an official graph
+    detected: dict[str, SceneGraph]  # every image
+    detected_words: dict[str, list[str]]  # every image: stat-word phrases from the detector labels
+    sources: dict[str, Any]  # the manifest's "scene_graphs" entry
+
+    @property
+    def every(self) -> list[SceneGraph]:
+        """Every graph of both kinds: the dictionary, graph vocabulary and entity names cover them all."""
+        return [*self.gt.values(), *self.detected.values()]
+
+
+def _scene_graphs(
+    dataset: str,
+    splits: dict[str, SplitFiles],
+    questions: dict[str, list[Question]],
+    store: FeatureStore,
+    vocabs: tuple[Path | None, Path | None],
+) -> _SceneGraphs:
+    """Official graphs (GQA splits with a scene-graph file) and detector graphs and stat words (every image)."""
+    image_ids = sorted({q.image_id for items in questions.values() for q in items})
+    loaded = _gqa_graphs(splits, questions) if dataset == "gqa" else {}
+    gt = {i: loaded[i] for i in image_ids if i in loaded}
+    detected, words = _detected_graphs(store, image_ids, *vocabs)
+    sources = {
+        "gt_splits": [s for s, f in splits.items() if dataset == "gqa" and f.scene_graphs is not None],
+        "detected": True,
+        # Per split, not per file: an image may have a graph from another split's file.
+        "images_without_gt": {s: len({q.image_id for q in items} - gt.keys()) for s, items in questions.items()},
+        "detector_labels": _named_labels(store, *vocabs),
+    }
+    return _SceneGraphs(gt=gt, detected=detected, detected_words=words, sources=sources)
 
 
 def _entity_flags(tokens: Sequence[str], names: set[tuple[str, ...]], longest: int) -> list[int]:
@@ -222,6 +326,11 @@ def prepare(
 ) -> PrepareReport:
     """Check and convert one dataset into a processed folder (see the module docstring).
 
+    Every image gets a graph and stat words built from the detector (`object_vocab` / `attribute_vocab` name
+    the features' `objects_id` / `attrs_id`); GQA images of splits given a scene-graph file also get the
+    official graph and stat words taken from it. When no detector label can be named, the detected stat words
+    are empty and `PrepareReport.warnings` (and `log`) says so.
+
     Raises:
         DataError: any unreadable or inconsistent input: the message names the file and record.
     """
@@ -233,18 +342,16 @@ def prepare(
     store = FeatureStore(features)
     _check_features(store, questions)
     log("building scene graphs")
-    image_ids = sorted({q.image_id for items in questions.values() for q in items})
-    if dataset == "gqa":
-        graphs = _gqa_graphs(splits, questions)
-        graphs = {i: graphs[i] for i in image_ids}
-    else:
-        graphs = _vqa_graphs(store, image_ids, object_vocab, attribute_vocab)
+    graphs = _scene_graphs(dataset, splits, questions, store, (object_vocab, attribute_vocab))
+    warning = _label_warning(store, object_vocab, attribute_vocab)
+    if warning:
+        log(warning)
     log("building vocabularies")
     texts = [q.text for items in questions.values() for q in items]
-    words = Dictionary.build([*texts, *(" ".join(tokenize(w)) for w in _graph_words(graphs.values()))])
+    words = Dictionary.build([*texts, *(" ".join(tokenize(w)) for w in _graph_words(graphs.every))])
     vocab = _answer_vocab(dataset, questions[train_split], min_answer_count)
-    graph_vocab = GraphVocab.build(graphs.values())
-    names = {tuple(tokenize(n)) for g in graphs.values() for n in g.names if n != "<empty>"}
+    graph_vocab = GraphVocab.build(graphs.every)
+    names = {tuple(tokenize(n)) for g in graphs.every for n in g.names if n != "<empty>"}
     return _write(
         output,
         dataset=dataset,
@@ -257,6 +364,7 @@ def prepare(
         features=store,
         glove=glove,
         train_split=train_split,
+        warnings=[warning] if warning else [],
         log=log,
         start=start,
     )
@@ -287,7 +395,7 @@ def _write_files(
     *,
     dataset: str,
     questions: dict[str, list[Question]],
-    graphs: dict[str, SceneGraph],
+    graphs: _SceneGraphs,
     words: Dictionary,
     vocab: ans.AnswerVocab,
     graph_vocab: GraphVocab,
@@ -295,10 +403,12 @@ def _write_files(
     features: FeatureStore,
     glove: Path | None,
     train_split: str,
+    warnings: list[str],
     log: Log,
     start: float,
 ) -> PrepareReport:
-    report = PrepareReport(output=output, dictionary=len(words), answers=len(vocab))
+    report = PrepareReport(output=output, dictionary=len(words), answers=len(vocab), warnings=list(warnings))
+    report.gt_splits = list(graphs.sources["gt_splits"])
     words.save(tmp / "dictionary.json")
     write_json_atomic(tmp / "answers.json", vocab.to_json())
     graph_vocab.save(tmp / "graph_vocab.json")
@@ -308,9 +418,12 @@ def _write_files(
         write_json_atomic(tmp / f"questions_{split}.json", records)
         report.splits[split] = {"questions": len(records), "images": len({q.image_id for q in items})}
         report.out_of_vocab[split] = unanswerable
-    write_json_atomic(tmp / "graphs.json", {i: g.to_json() for i, g in graphs.items()})
-    stats = {i: [words.word_to_id(w) for w in _stat_tokens(g)] for i, g in graphs.items()}
-    write_json_atomic(tmp / "stat_words.json", stats)
+    for kind, kept in (("gt", graphs.gt), ("detected", graphs.detected)):
+        write_json_atomic(tmp / f"graphs_{kind}.json", {i: g.to_json() for i, g in kept.items()})
+    stats = {i: _stat_tokens(stat_words(g, MAX_STAT_WORDS), words) for i, g in graphs.gt.items()}
+    write_json_atomic(tmp / "stat_words_gt.json", stats)
+    stats = {i: _stat_tokens(phrases, words) for i, phrases in graphs.detected_words.items()}
+    write_json_atomic(tmp / "stat_words_detected.json", stats)
     log("computing tf-idf")
     train_docs = [[words.word_to_id(t) for t in tokenize(q.text)] for q in questions[train_split]]
     tfidf = tfidf_matrix(train_docs, len(words))
@@ -320,19 +433,28 @@ def _write_files(
         matrix, found = load_glove(glove, words)
         np.savez(tmp / "glove.npz", vectors=matrix, found=np.asarray(found))
     report.seconds = time.perf_counter() - start
-    _write_manifest(tmp, report, dataset=dataset, features=features, glove=glove, train_split=train_split)
+    _write_manifest(
+        tmp,
+        report,
+        dataset=dataset,
+        features=features,
+        glove=glove,
+        train_split=train_split,
+        scene_graphs=graphs.sources,
+    )
     return report
 
 
-def _stat_tokens(graph: SceneGraph) -> list[str]:
+def _stat_tokens(phrases: Iterable[str], words: Dictionary) -> list[int]:
+    """Dictionary ids of ranked stat-word phrases, one word per phrase, first occurrence kept."""
     # Stat words are single dictionary words: a multi-word name contributes its last word ("tennis racket" ->
     # "racket"), which carries the object class.
     out: list[str] = []
-    for phrase in stat_words(graph, MAX_STAT_WORDS):
+    for phrase in phrases:
         tokens = tokenize(phrase)
         if tokens and tokens[-1] not in out:
             out.append(tokens[-1])
-    return out
+    return [words.word_to_id(w) for w in out]
 
 
 def _write_manifest(tmp: Path, report: PrepareReport, **info: Any) -> None:
@@ -342,7 +464,7 @@ def _write_manifest(tmp: Path, report: PrepareReport, **info: Any) -> None:
     }
     manifest = {
         "format": "isubg-processed",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "isubg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dataset": info["dataset"],
@@ -359,16 +481,18 @@ def _write_manifest(tmp: Path, report: PrepareReport, **info: Any) -> None:
             "images": len(features),
         },
         "glove": None if info["glove"] is None else str(Path(info["glove"]).resolve()),
+        "scene_graphs": info["scene_graphs"],
         "files": files,
     }
     write_json_atomic(tmp / "manifest.json", manifest, indent=2)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a processed folder, checked to be one.
+    """The manifest of a processed folder, checked to be one this isubg reads.
 
     Raises:
-        DataError: the folder has no manifest or it is not an isubg processed folder.
+        DataError: the folder has no manifest, it is not an isubg processed folder, or it has another
+            processed format (an older one must be prepared again).
     """
     path = folder / "manifest.json"
     if not path.exists():
@@ -376,7 +500,72 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != "isubg-processed":
         raise DataError(f"{path}: not an isubg processed-data manifest")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise DataError(
+            f"{folder} was prepared by an older isubg (processed format {version}; this isubg reads format "
+            f"{FORMAT_VERSION}, with ground-truth and detector scene graphs kept apart); run `isubg data prepare` "
+            "again to rebuild it"
+        )
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{folder}: processed format {version!r} is not format {FORMAT_VERSION}, the one this isubg reads; "
+            "prepare it with this isubg"
+        )
     return manifest
+
+
+def _gt_coverage(manifest: Mapping[str, Any], split: str) -> tuple[int, int]:
+    """(images of `split` without a ground-truth scene graph, images of `split`) from a manifest."""
+    images = int(manifest["splits"][split]["images"])
+    return int(manifest["scene_graphs"]["images_without_gt"].get(split, images)), images
+
+
+def graph_sources(manifest: Mapping[str, Any], split: str, mode: SceneGraphMode, folder: Path) -> dict[str, str]:
+    """Where the questions of `split` get their scene graphs and stat words under `mode` (data.scene_graphs).
+
+    Returns:
+        {"graphs": "ground truth" | "detector" | "ground truth + detector (N image(s) without ground truth)",
+         "stat_words": "ground truth" | "detector"}; "detector" stat words read "detector (empty: ...)" when the
+        folder was prepared without nameable detector labels.
+
+    Raises:
+        DataError: mode "gt" and some image of the split has no ground-truth scene graph.
+    """
+    missing, images = _gt_coverage(manifest, split)
+    if mode == "gt":
+        if missing:
+            raise DataError(
+                f"{folder}: data.scene_graphs is 'gt', but {missing} of the {images} images of split '{split}' have "
+                "no ground-truth scene graph. Only GQA splits prepared with their scene-graph file have them "
+                "(GQA's testdev and test have none; VQA has none at all). Set data.scene_graphs to 'auto' "
+                "(ground-truth graphs where they exist, detector graphs elsewhere) or 'detected' (detector "
+                "graphs and stat words everywhere): --set data.scene_graphs=auto to train, --scene-graphs auto "
+                "to evaluate."
+            )
+        return {"graphs": "ground truth", "stat_words": "ground truth"}
+    named = manifest["scene_graphs"]["detector_labels"]
+    stats = "detector" if named else "detector (empty: the features' detector labels were not named)"
+    if mode == "detected" or missing == images:
+        graphs = "detector"
+    elif missing == 0:
+        graphs = "ground truth"
+    else:
+        graphs = f"ground truth + detector ({missing} image{'s' * (missing != 1)} without ground truth)"
+    return {"graphs": graphs, "stat_words": stats}
+
+
+def describe_sources(manifest: Mapping[str, Any], splits: Sequence[str], mode: SceneGraphMode, folder: Path) -> str:
+    """One line naming each split's scene-graph source and the stat words' source, e.g.
+    "scene graphs: ground truth (train), detector (testdev); stat words: detector".
+
+    Raises:
+        DataError: as `graph_sources`.
+    """
+    sources = {split: graph_sources(manifest, split, mode, folder) for split in dict.fromkeys(splits)}
+    graphs = ", ".join(f"{s['graphs']} ({split})" for split, s in sources.items())
+    stats = " / ".join(dict.fromkeys(s["stat_words"] for s in sources.values()))
+    return f"scene graphs: {graphs}; stat words: {stats}"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -397,26 +586,25 @@ def _find(raw: Path, name: str) -> Path | None:
 def discover_splits(dataset: Literal["gqa", "vqa"], raw: Path, splits: Sequence[str]) -> dict[str, SplitFiles]:
     """Locate each split's official files under `raw` by their release names.
 
-    GQA: `{split}_balanced_questions.json` (or `{split}_all_questions.json`) and `{split}_sceneGraphs.json`.
+    GQA: `{split}_balanced_questions.json` (or `{split}_all_questions.json`) and, when present,
+    `{split}_sceneGraphs.json` (testdev and test have none in the official release: `scene_graphs` is None).
     VQA v2: `v2_OpenEnded_mscoco_{sub}_questions.json` and `v2_mscoco_{sub}_annotations.json`, where
     `sub` is train2014 / val2014 / test-dev2015 / test2015 for train / val / testdev / test (an
     annotations file is optional: test splits have none).
 
     Raises:
-        DataError: a split's questions (or GQA scene graphs) cannot be found; the message lists the names tried.
+        DataError: a split's questions cannot be found; the message lists the names tried.
     """
     found: dict[str, SplitFiles] = {}
     for split in splits:
         if dataset == "gqa":
             names = [f"{split}_balanced_questions.json", f"{split}_all_questions.json"]
             questions = next((p for n in names if (p := _find(raw, n))), None)
-            graphs = _find(raw, f"{split}_sceneGraphs.json")
-            if questions is None or graphs is None:
-                tried = names if questions is None else [f"{split}_sceneGraphs.json"]
+            if questions is None:
                 raise DataError(
-                    f"{raw}: split {split}: none of {', '.join(tried)} found (searched {raw} and its sub-folders)"
+                    f"{raw}: split {split}: none of {', '.join(names)} found (searched {raw} and its sub-folders)"
                 )
-            found[split] = SplitFiles(questions=questions, scene_graphs=graphs)
+            found[split] = SplitFiles(questions=questions, scene_graphs=_find(raw, f"{split}_sceneGraphs.json"))
         else:
             sub = VQA_SUBTYPES.get(split, split)
             name = f"v2_OpenEnded_mscoco_{sub}_questions.json"

@@ -1,4 +1,4 @@
-"""Scene graphs: read GQA's official files, build spatial graphs for VQA, and turn graphs into PyG tensors.
+"""Scene graphs: read GQA's official files, build spatial graphs from detector boxes, and turn graphs into PyG tensors.
 
 Data model
 ----------
@@ -18,11 +18,12 @@ may be a list or, as on the GQA download page, a dict whose values are the relat
 An image with no objects gets one placeholder node named `<empty>` whose box is the whole image and
 whose object id is "" (it stands for no object): every model needs at least one node to attend over.
 
-VQA (no scene graphs)
----------------------
-`spatial_scene_graph` builds a graph from detector boxes. Each node gets directed edges to its `k`
-nearest other nodes by box-centre distance in pixels (ties broken by the lower node index). An edge
-(s, t) reads "s REL t", GQA style, and REL is the first that applies of:
+Detector graphs (VQA, and GQA images without a public scene graph)
+------------------------------------------------------------------
+`spatial_scene_graph` builds a graph from detector boxes; `isubg data prepare` builds one for every image
+of both datasets, since GQA's testdev and test images have no public scene graphs. Each node gets directed
+edges to its `k` nearest other nodes by box-centre distance in pixels (ties broken by the lower node index).
+An edge (s, t) reads "s REL t", GQA style, and REL is the first that applies of:
 
 1. "inside":          at least 90% of s's area lies inside t;
 2. "contains":        at least 90% of t's area lies inside s;
@@ -33,6 +34,11 @@ nearest other nodes by box-centre distance in pixels (ties broken by the lower n
    "below"            otherwise (also when both centres coincide).
 
 A box of zero area covers nothing and is covered by nothing, so rules 1 and 2 never apply to it.
+
+Stat words
+----------
+`stat_words` ranks a ground-truth graph's names and attributes by count; `detector_stat_words` ranks a
+detector's box labels by summed confidence, the same words a model can have at test time.
 
 PyG conversion
 --------------
@@ -70,6 +76,7 @@ __all__ = [
     "UNK",
     "GraphVocab",
     "SceneGraph",
+    "detector_stat_words",
     "load_gqa_scene_graphs",
     "spatial_scene_graph",
     "stat_words",
@@ -588,3 +595,44 @@ def stat_words(graph: SceneGraph, num: int) -> list[str]:
     for name, attrs in zip(graph.names, graph.attributes, strict=True):
         counts.update(word for word in (name, *attrs) if word != EMPTY)
     return [word for word, _ in sorted(counts.items(), key=lambda item: -item[1])][:num]
+
+
+def detector_stat_words(
+    names: Sequence[str] | None,
+    attributes: Sequence[str] | None,
+    num: int,
+    *,
+    name_conf: Sequence[float] | None = None,
+    attribute_conf: Sequence[float] | None = None,
+) -> list[str]:
+    """The image's "statistical words" from its detector labels instead of a ground-truth graph.
+
+    Box i contributes its class name `names[i]` and its attribute `attributes[i]` (the bottom-up detector gives
+    one of each per box). A word weighs the sum of the confidences of its occurrences (`name_conf[i]`,
+    `attribute_conf[i]`); an occurrence without a confidence weighs 1, so without confidences the rank is a
+    count. Words are ranked by descending weight, ties by first appearance, reading boxes in order and each
+    box's name before its attribute. Empty words and `<empty>` are never stat words.
+
+    Args:
+        names: (N) class names, or None when the boxes have none that can be named.
+        attributes: (N) attribute names, or None.
+        num: at most this many words are returned.
+        name_conf: (N) detector confidence of each name, or None.
+        attribute_conf: (N) detector confidence of each attribute, or None.
+
+    Raises:
+        ValueError: negative `num`, or names, attributes and confidences of different lengths.
+    """
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+    columns = [(names, name_conf), (attributes, attribute_conf)]
+    lengths = {len(c) for pair in columns for c in pair if c is not None}
+    if len(lengths) > 1:
+        raise ValueError(f"names, attributes and confidences must have one entry per box, got lengths {lengths}")
+    # A dict keeps first-appearance order, and sorted() is stable, so equal weights keep it too.
+    weights: dict[str, float] = {}
+    for i in range(lengths.pop() if lengths else 0):
+        for words, conf in columns:
+            if words is not None and words[i] and words[i] != EMPTY:
+                weights[words[i]] = weights.get(words[i], 0.0) + (1.0 if conf is None else float(conf[i]))
+    return [word for word, _ in sorted(weights.items(), key=lambda item: -item[1])][:num]
