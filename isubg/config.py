@@ -170,6 +170,12 @@ class CfrfConfig(_Section):
         seed=True,
     )
     AOA_layers: Int = _p(6, "Attention-on-attention layers.", advice=_range(4, 8), seed=True, ge=0)
+    aoa_norm: Literal["pre", "post", "none"] = _p(
+        "pre",
+        "Where the AoA layers normalise: 'pre' (LayerNorm on what each attention reads; the residual streams keep "
+        "their scale, so strong boxes stay strong), 'post' (LayerNorm after each residual: every box vector is "
+        "rescaled to one size) or 'none' (plain residuals, as the reference).",
+    )
     num_hid: Int = _p(1024, "Joint representation width (any value works).", advice=_range(512, 2048), seed=True, ge=1)
     activation: Literal["relu", "swish", "gelu", "tanh"] = _p(
         "swish", "Classifier activation.", advice=_choices("relu", "swish"), seed=True
@@ -563,6 +569,8 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
         rules += [(p, "the xvlm branch is not in model.branches") for p in ("train.xvlm_lr", "optim.xvlm_weight_decay")]
     if not cfg.model.cfrf.use_counter:
         rules.append(("model.cfrf.counter_act", "use_counter is off"))
+    if cfg.model.cfrf.AOA_layers == 0:
+        rules.append(("model.cfrf.aoa_norm", "AOA_layers is 0"))
     if cfg.model.isubg.sampler_type != "imle":
         reason = f"sampler_type is {cfg.model.isubg.sampler_type!r}; alpha and beta only act with 'imle'"
         rules += [("model.isubg.alpha", reason), ("model.isubg.beta", reason)]

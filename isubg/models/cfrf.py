@@ -73,6 +73,7 @@ COUNTER_SEGMENTS = 16  # linear pieces of each learned counter map
 BAN_RANK = 3  # BCNet k of BAN's attention maps (ban-vqa); CFR's fusions and every pooling net use k = 1
 _FC_DROPOUT = 0.2  # BCNet / FCNet input dropout (ban-vqa)
 _ATT_DROPOUT = 0.5  # dropout on the attended side of a bilinear attention (ban-vqa)
+AOA_NORMS = ("pre", "post", "none")  # where the AoA layers normalise (model.cfrf.aoa_norm)
 
 
 def _heads(dim: int) -> int:
@@ -379,29 +380,49 @@ class _AoAAttention(nn.Module):
 class _AoAStack(nn.Module):
     """AoA layers: first q self-attention layers, then per layer v self-attention and v attending to q.
 
-    Layer l's attention module serves all three of its roles (as the reference); each role has its own
-    LayerNorm after the residual. With memory-efficient attention the attention runs as
-    scaled_dot_product_attention and, when training, every role is recomputed in backward (checkpoint).
+    Layer l's attention module serves all three of its roles (as the reference). `norm` places a LayerNorm per
+    role (see CfrfBranch): "pre" normalises what the attention reads and leaves the residual stream as it is,
+    "post" normalises the stream after each residual, "none" has plain residuals (the reference). With
+    memory-efficient attention the attention runs as scaled_dot_product_attention and, when training, every role
+    is recomputed in backward (checkpoint).
 
     Shapes:
         q: (B, L, dim), q_mask: (B, L); v: (B, K, dim), v_mask: (B, K) -> q (B, L, dim), v (B, K, dim)
     """
 
-    def __init__(self, dim: int, layers: int) -> None:
+    def __init__(self, dim: int, layers: int, norm: str) -> None:
         super().__init__()
+        if norm not in AOA_NORMS:
+            raise ValueError(f"unknown AoA norm {norm!r}; expected one of {', '.join(AOA_NORMS)}")
+        self.norm = norm
+
+        def norms() -> nn.ModuleList:
+            return nn.ModuleList((nn.LayerNorm(dim) if norm != "none" else nn.Identity()) for _ in range(layers))
+
         self.attn = nn.ModuleList(_AoAAttention(dim) for _ in range(layers))
-        self.norm_q = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
-        self.norm_v = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
-        self.norm_vq = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.norm_q, self.norm_v, self.norm_vq = norms(), norms(), norms()
+        # Pre-norm: q is read as context by the v <- q role; one more norm per layer for that read.
+        self.norm_ctx = norms() if norm == "pre" else None
 
     def forward(
         self, q: torch.Tensor, q_mask: torch.Tensor, v: torch.Tensor, v_mask: torch.Tensor, efficient: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = self.norm == "pre"
         for attn, norm in zip(self.attn, self.norm_q, strict=True):
-            q = norm(q + self._run(attn, q, q, q_mask, efficient))
-        for attn, norm_v, norm_vq in zip(self.attn, self.norm_v, self.norm_vq, strict=True):
-            v = norm_v(v + self._run(attn, v, v, v_mask, efficient))
-            v = norm_vq(v + self._run(attn, v, q, q_mask, efficient))
+            if pre:
+                x = norm(q)
+                q = q + self._run(attn, x, x, q_mask, efficient)
+            else:
+                q = norm(q + self._run(attn, q, q, q_mask, efficient))
+        for layer, (attn, norm_v, norm_vq) in enumerate(zip(self.attn, self.norm_v, self.norm_vq, strict=True)):
+            if pre:
+                assert self.norm_ctx is not None
+                x = norm_v(v)
+                v = v + self._run(attn, x, x, v_mask, efficient)
+                v = v + self._run(attn, norm_vq(v), self.norm_ctx[layer](q), q_mask, efficient)
+            else:
+                v = norm_v(v + self._run(attn, v, v, v_mask, efficient))
+                v = norm_vq(v + self._run(attn, v, q, q_mask, efficient))
         return q, v
 
     def _run(
@@ -473,6 +494,8 @@ class CfrfBranch(nn.Module):
         use_counter: add the Zhang counter to every glimpse.
         counter_act: "zhang" or "identity" maps inside the counter (used only with use_counter).
         aoa_layers: AoA layers (>= 0).
+        aoa_norm: where the AoA layers put their LayerNorms: "pre" (on what each attention reads), "post"
+            (after each residual) or "none" (plain residuals, as the reference).
         activation, dropout: the classifier's activation name and dropout rate.
         omega_q, omega_v: strengths of the entity and the stat-word fusion.
         glove: (num_words, 300) initial word vectors, or None for a random table.
@@ -491,6 +514,7 @@ class CfrfBranch(nn.Module):
         use_counter: bool = False,
         counter_act: str = "zhang",
         aoa_layers: int = 6,
+        aoa_norm: str = "pre",
         activation: str = "swish",
         dropout: float = 0.45,
         omega_q: float = 0.1,
@@ -510,7 +534,7 @@ class CfrfBranch(nn.Module):
         self.entity_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_q) if omega_q > 0 else None
         self.box_proj = nn.Sequential(nn.Linear(feature_dim + 6, num_hid), nn.ReLU())
         self.stat_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_v) if omega_v > 0 else None
-        self.aoa = _AoAStack(num_hid, aoa_layers)
+        self.aoa = _AoAStack(num_hid, aoa_layers, aoa_norm)
         self.ban = _Ban(num_hid, gamma, counter_act if use_counter else None)
         self.classifier = Classifier(num_hid, 2 * num_hid, num_answers, activation, dropout)
 
@@ -563,6 +587,7 @@ def build(cfg: RunConfig, spec: DataSpec) -> CfrfBranch:
         use_counter=c.use_counter,
         counter_act=c.counter_act,
         aoa_layers=c.AOA_layers,
+        aoa_norm=c.aoa_norm,
         activation=c.activation,
         dropout=c.dropout,
         omega_q=c.omega_q,
