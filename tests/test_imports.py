@@ -26,6 +26,7 @@ LAYERS = {
     "isubg.console": 2,
     "isubg.presets": 2,
     "isubg.batch": 2,
+    "isubg.ablation": 3,
     "isubg.resolve": 3,
     "isubg.reference": 4,
     "isubg.data": 2,

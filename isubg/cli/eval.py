@@ -40,6 +40,15 @@ def evaluate_run(
             help="Where scene graphs and stat words come from (data.scene_graphs); default: the run's.",
         ),
     ] = None,
+    ablate: Annotated[
+        str | None,
+        typer.Option(
+            "--ablate",
+            metavar="boxes|zero|graphs|stats|image",
+            help="Score with one input shuffled across each batch (boxes, graphs, stats, or all: image) or the "
+            "boxes zeroed: a model that uses the input loses accuracy.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     json_output: JsonOpt = False,
 ) -> None:
@@ -48,17 +57,21 @@ def evaluate_run(
     VQA uses the official VQA v2 accuracy (answer processing, 10-choose-9 soft score); GQA exact match.
     --export writes [{question_id, answer}] (VQA) or [{questionId, prediction}] (GQA) for the official scripts.
     The scene graphs and stat words come from the run's data.scene_graphs; which ones is printed (and is
-    "inputs" in --json).
+    "inputs" in --json). --ablate shows whether the model uses an input (isubg.ablation): compare its accuracies
+    with a plain run's.
     """
     with user_errors():
-        result, paths, inputs = _run(run, split, export, explanations, data, batch_size, device, scene_graphs)
+        result, paths, inputs = _run(
+            run, split, export, explanations, data, batch_size, device, scene_graphs=scene_graphs, ablate=ablate
+        )
     if json_output:
         print_json({**result.to_json(), "inputs": inputs, "files": paths})
         return
     console = out_console()
     console.print(
         f"{inputs['split']}: scene graphs {inputs['graphs']}; stat words {inputs['stat_words']} "
-        f"(data.scene_graphs={inputs['scene_graphs']})",
+        f"(data.scene_graphs={inputs['scene_graphs']})"
+        + (f"; ablation: {inputs['ablation']}" if inputs["ablation"] else ""),
         highlight=False,
         markup=False,
     )
@@ -76,9 +89,12 @@ def _run(
     data: Path | None,
     batch_size: int | None,
     device_name: str,
+    *,
     scene_graphs: str | None = None,
-) -> tuple[Any, dict[str, str], dict[str, str]]:
-    """Evaluate; returns the result, the files written and where the split's graphs and stat words came from."""
+    ablate: str | None = None,
+) -> tuple[Any, dict[str, str], dict[str, Any]]:
+    """Evaluate; returns the result, the files written and the inputs (graph and stat-word sources, ablation)."""
+    from isubg.ablation import ABLATIONS, ablated
     from isubg.checkpoint import find_checkpoint, load_checkpoint, vocab_checksum
     from isubg.cli.train import resolve_data_dir
     from isubg.config import RunConfig
@@ -88,6 +104,13 @@ def _run(
 
     if scene_graphs not in (None, "auto", "gt", "detected"):
         raise ConfigError(f"--scene-graphs must be auto, gt or detected, got {scene_graphs!r}")
+    if ablate is not None and ablate not in ABLATIONS:
+        raise ConfigError(f"--ablate must be one of {', '.join(ABLATIONS)}, got {ablate!r}")
+    if ablate is not None and explanations is not None:
+        raise ConfigError(
+            "--explanations with --ablate would pair each question's subgraph with another image's graph; "
+            "write explanations from a plain run"
+        )
     file = find_checkpoint(run)
     state = load_checkpoint(file)  # read once: it gives the config and the weights
     cfg = RunConfig.model_validate(state["config"])
@@ -103,7 +126,8 @@ def _run(
     loader = make_batches(dataset, cfg, Processes(), epoch=0, train=False)
     console = err_console()
     with console.status(f"evaluating {len(dataset)} questions of {dataset.split}"):
-        result = evaluate(model, loader, dataset, device=device, explanations=explanations is not None)
+        batches = ablated(loader, ablate)
+        result = evaluate(model, batches, dataset, device=device, explanations=explanations is not None)
     paths: dict[str, str] = {}
     if export is not None:
         write_predictions(result, export, cfg.data.dataset)
@@ -111,7 +135,12 @@ def _run(
     if explanations is not None:
         write_explanations(result, explanations)
         paths["explanations"] = str(explanations)
-    inputs = {"split": dataset.split, "scene_graphs": cfg.data.scene_graphs, **dataset.graph_sources}
+    inputs = {
+        "split": dataset.split,
+        "scene_graphs": cfg.data.scene_graphs,
+        **dataset.graph_sources,
+        "ablation": ablate,
+    }
     return result, paths, inputs
 
 
