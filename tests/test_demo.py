@@ -465,6 +465,18 @@ def test_features_decode_to_colour_and_name(tiny: Generated) -> None:
         assert accuracy > 0.9, accuracy
 
 
+def test_real_objects_stand_out_from_the_clutter(tiny: Generated) -> None:
+    # A detector responds more strongly to objects than to background; without that contrast the demo's box
+    # models learned little beyond question priors (generator version 2).
+    rows = tiny.tsv_rows()
+    real = {(image_id, index) for image_id, _, index, _ in _real_boxes(tiny, rows)}
+    norms: dict[bool, list[float]] = {True: [], False: []}
+    for image_id, row in rows.items():
+        for index, vector in enumerate(row.features):
+            norms[(image_id, index) in real].append(float(np.linalg.norm(vector)))
+    assert np.mean(norms[True]) > 1.5 * np.mean(norms[False]), (np.mean(norms[True]), np.mean(norms[False]))
+
+
 def test_hdf5_holds_the_tsv_and_every_question_image(tiny: Generated) -> None:
     store = FeatureStore(tiny.out / "features" / "demo.h5")
     rows = tiny.tsv_rows()

@@ -18,8 +18,12 @@ features of a real detector. For a real object `z = onehot @ P + noise`, where `
 the one-hots of [name, colour, material, size], `P` is a random projection fixed by the seed and the
 noise is Gaussian (std `_NOISE_STD`), small enough that a nearest-class-mean decoder recovers colour
 and name from the features. softplus is monotone, so no attribute information is lost. A clutter box
-has `z = c + noise` for a fixed random "clutter" direction `c` and no object signature; a partial box
-around an object mixes a weaker copy of that object's signature with `c`. Detector labels are written
+has `z = c + noise` with `c` a constant low level (`_CLUTTER_LEVEL`): a weak response with no structure but
+the noise, as a detector's features respond to background. A partial box around an object mixes a weaker copy
+of that object's signature with `c`. Object signatures have std 3 per dimension, so real objects stand out:
+with signatures as weak as the clutter of generator version 2 (a random direction of unit variance) every
+model, the reference BAN included, learned little beyond question priors in the demo's CPU budget (colour
+questions stayed at chance; `benchmarks/bench_quality.py`). Detector labels are written
 too, as 0-based line indices into the vocabulary files (the bottom-up release's convention):
 objects_vocab.txt lists the names then "clutter", attributes_vocab.txt the colours, materials and sizes.
 Real objects get their name's class (about 5% a wrong class, as a real detector errs), distractors the
@@ -90,8 +94,8 @@ __all__ = [
 
 # Bumped whenever the same (size, seed) would give different files, so that caches of an older world
 # (isubg.data.embedded) are rebuilt instead of reused. 2: the smaller, denser world (6 names, 5 colours,
-# 3 materials, 3-6 objects, more questions per image).
-GENERATOR_VERSION = 2
+# 3 materials, 3-6 objects, more questions per image). 3: strong object signatures, weak unstructured clutter.
+GENERATOR_VERSION = 3
 FEATURE_DIM = 128
 IMAGE_WIDTH, IMAGE_HEIGHT = 640, 480
 NAMES = ("ball", "cup", "book", "chair", "lamp", "box")
@@ -114,10 +118,12 @@ _ADJECTIVES = ("size", "color", "material")
 _BOX_SIDES = {"small": (36, 80), "large": (100, 180)}  # inclusive pixel range of each box side
 _PLACEMENT_TRIES = 40
 _MAX_OVERLAP = 0.1  # IoU under which a real object's position is accepted at once
-_PROJECTION_STD = 0.5  # four one-hot rows are summed, so a signature has unit variance per dimension
-# Per-dimension noise against unit-variance signatures: nearest-class-mean decoding of colour and name
-# from one box stays above 95%, yet single dimensions are too noisy to read an attribute off directly.
+_PROJECTION_STD = 1.5  # four one-hot rows are summed: a signature has std 3 per dimension, the clutter 1
+# Per-dimension noise: nearest-class-mean decoding of colour and name from one real box is exact, while
+# partial boxes (a weaker signature mixed with the clutter) stay ambiguous.
 _NOISE_STD = 0.45
+# Pre-activation of a background box: softplus(-2 + noise) ~ 0.13, a weak, unstructured response.
+_CLUTTER_LEVEL = -2.0
 _WRONG_CLASS_RATE = 0.05
 _PARTIAL_RATE = 0.3  # share of the distractor boxes that are partial boxes around a real object
 _QUESTIONS_PER_IMAGE = (8, 12)  # inclusive
@@ -329,7 +335,7 @@ class _Encoder:
     def __init__(self, rng: np.random.Generator) -> None:
         width = len(NAMES) + len(COLORS) + len(MATERIALS) + len(SIZES)
         self.projection = rng.normal(0.0, _PROJECTION_STD, size=(width, FEATURE_DIM))
-        self.clutter = rng.normal(0.0, 1.0, size=FEATURE_DIM)
+        self.clutter = np.full(FEATURE_DIM, _CLUTTER_LEVEL)
         self.offsets = np.cumsum([0, len(NAMES), len(COLORS), len(MATERIALS)])
 
     def signature(self, obj: _Object) -> np.ndarray:
