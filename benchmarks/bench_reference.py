@@ -1,6 +1,6 @@
 """Side-by-side training throughput of isubg's branches and the reference implementations they re-build.
 
-    python benchmarks/bench_reference.py --ban-repo /work/refs/ban-vqa --isubgvqa-repo /work/refs/ISubGVQA
+    python benchmarks/bench_reference.py --ban-repo ../refs/ban-vqa --isubgvqa-repo ../refs/ISubGVQA
                                          [--batch 32] [--warmup 3] [--steps 7] [--threads 2] [--repeats 1]
                                          [--retries 3] [--max-others 0.3] [--pairs ban,isubgvqa]
                                          [--out benchmarks/results/bench_reference.json]
@@ -22,7 +22,7 @@ Throughput is batch / median step time over `--steps` timed steps after `--warmu
 torch.set_num_threads(`--threads`). Every model runs in its own subprocess, so `ru_maxrss` is its own peak RSS.
 
 The references are imported from the checkouts given on the command line; nothing in a checkout is edited.
-They need these in-process changes on torch 2.13 CPU (shared/reference/ref_harness.md; none changes their math):
+They need these in-process changes on torch 2.13 CPU (none changes their math):
 BAN: stub `torch._six` (string_classes) and, when pillow is absent, `PIL`; the classifier's
 Dropout(inplace=True) after ReLU is made out-of-place (autograd rejects it). ISubGVQA: a `torchtext` stub
 (vocab() with torchtext 0.18's rules, str.split tokenizer, GloVe never built), a pure-torch `torch_scatter`
@@ -642,7 +642,7 @@ def run_pair(pair: str, args: argparse.Namespace, out_dir: Path) -> dict[str, An
             result = spawn(worker, args, out_dir)
             print(f"[{pair}]   {_brief(result)}", file=sys.stderr, flush=True)
             runs[side].append(result)
-    row = {"pair": pair, "label": PAIR_LABELS[pair], "reference_repo": str(repo), "commit": repo_commit(repo)}
+    row = {"pair": pair, "label": PAIR_LABELS[pair], "reference_repo": repo.name, "commit": repo_commit(repo)}
     for side, results in runs.items():
         row[side] = _summary(results)
     if "samples_per_s" in row["isubg"] and "samples_per_s" in row["reference"]:

@@ -114,8 +114,13 @@ def test_eval_exports_official_formats_that_score_like_the_official_scripts(
     assert report["accuracy"]["fused"] == pytest.approx(sum(scores) / len(scores), abs=1e-12)
     assert report["per_type"] and {e["question_id"] for e in json.loads(explained.read_text())} == set(truth)
     graphs = "ground truth" if kind == "gqa" else "detector"  # VQA has no ground-truth scene graphs
-    assert report["inputs"] == {"split": "val", "scene_graphs": "auto", "graphs": graphs, "stat_words": "detector",
-                                "ablation": None}
+    assert report["inputs"] == {
+        "split": "val",
+        "scene_graphs": "auto",
+        "graphs": graphs,
+        "stat_words": "detector",
+        "ablation": None,
+    }
     if kind == "gqa":  # the same run read with the detector's graphs; its testdev has ground truth in the demo
         result = RUNNER.invoke(app, ["eval", str(run_dir), "--scene-graphs", "detected", "--split", "testdev"])
         assert result.exit_code == 0, result.output
