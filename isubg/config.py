@@ -249,6 +249,14 @@ class FusionConfig(_Section):
     """Per-answer weighting of the branches' answer distributions."""
 
     fusion_ratio: Float = _p(0.1, "Weight of the fused-answer loss.", advice=_range(0.05, 0.2), seed=True, ge=0.0)
+    holdout: Float = _p(
+        0.0,
+        "Share of training questions (chosen by a hash of the question id) that the branches never learn from and "
+        "the fusion weights learn from alone, so they weigh each branch by how it answers unseen questions; 0 = "
+        "the reference (fusion weights learn from every question, favouring the branch that fits training best).",
+        ge=0.0,
+        lt=1.0,
+    )
 
 
 class ModelConfig(_Section):
@@ -575,7 +583,10 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
         reason = f"sampler_type is {cfg.model.isubg.sampler_type!r}; alpha and beta only act with 'imle'"
         rules += [("model.isubg.alpha", reason), ("model.isubg.beta", reason)]
     if len(branches) == 1:
-        rules.append(("model.fusion.fusion_ratio", "fusion needs at least two branches"))
+        fusion = ("model.fusion.fusion_ratio", "model.fusion.holdout")
+        rules += [(path, "fusion needs at least two branches") for path in fusion]
+    elif cfg.model.fusion.fusion_ratio == 0:
+        rules.append(("model.fusion.holdout", "fusion_ratio is 0, so the fusion weights never learn"))
     # An X-VLM settings file can switch vision to swin/vit at build time, but only when data.image_root is set.
     x = cfg.model.xvlm
     if x.vision == "regions" and (x.xvlm_config is None or cfg.data.image_root is None):

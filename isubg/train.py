@@ -390,7 +390,7 @@ def micro_step(t: Trainer, batch: Any, scale: float, sync: bool) -> float:
     with t.wrapped.no_sync() if ddp and not sync else nullcontext():
         with t.precision.autocast(t.device):
             output = t.wrapped(batch)
-        loss, _parts = t.model.loss(output, batch.targets)
+        loss, _parts = t.model.loss(output, batch.targets, batch.question_ids)
         t.scaler.scale(loss * scale).backward()
     value = loss.item()
     return value if math.isfinite(value) else math.nan

@@ -127,6 +127,9 @@ def test_choice_advice_warns_for_legal_but_unadvised_values() -> None:
         ({"model": {"branches": ["cfrf", "isubg"]}, "train": {"xvlm_lr": 7e-5}}, "train.xvlm_lr"),
         ({"model": {"branches": ["cfrf", "xvlm"], "isubg": {"mgat_layers": 6}}}, "model.isubg.mgat_layers"),
         ({"model": {"branches": ["isubg"], "fusion": {"fusion_ratio": 0.2}}}, "model.fusion.fusion_ratio"),
+        ({"model": {"branches": ["isubg"], "fusion": {"holdout": 0.1}}}, "model.fusion.holdout"),
+        ({"model": {"fusion": {"holdout": 0.1, "fusion_ratio": 0.0}}}, "model.fusion.holdout"),
+        ({"model": {"cfrf": {"AOA_layers": 0, "aoa_norm": "post"}}}, "model.cfrf.aoa_norm"),
     ],
 )
 def test_changed_settings_that_cannot_act_are_flagged(data: dict, path: str) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from isubg.models.common import BranchOutput
-from isubg.models.fusion import FusedModel
+from isubg.models.fusion import FusedModel, held_out
 
 
 class Toy(nn.Module):
@@ -104,6 +104,43 @@ def test_a_branch_candidate_loss_is_added() -> None:
     model = FusedModel({"cfrf": Toy(4, 6, 0), "xvlm": WithCandidates(4, 6, 1)}, 6, 0.1)
     _, parts = model.loss(model(FakeBatch()), torch.zeros(3, 6))
     assert "xvlm_candidates" in parts and parts["xvlm_candidates"] > 0
+
+
+def test_held_out_questions_are_a_stable_share_of_the_ids() -> None:
+    ids = [f"q{i}" for i in range(20_000)]
+    mask = held_out(ids, 0.1)
+    assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(held_out(list(reversed(ids)), 0.1), mask.flip(0))  # per id, not per position
+    assert not held_out(ids, 0.0).any() and held_out(ids[:50], 0.2).sum() <= held_out(ids[:50], 0.5).sum()
+
+
+def test_held_out_questions_train_the_fusion_weights_only() -> None:
+    ids = [f"q{i}" for i in range(64)]
+    held = held_out(ids, 0.3)
+    assert 0 < held.sum() < 64
+    model = _model(ratio=1.0)
+    model.holdout = 0.3
+    batch, targets = FakeBatch(b=64), torch.rand(64, 6)
+    out = model(batch)
+    _, parts = model.loss(out, targets, ids)
+    kept = out.branches["cfrf"].logits[~held]
+    expected = nn.functional.binary_cross_entropy_with_logits(kept, targets[~held], reduction="sum") / 64
+    torch.testing.assert_close(parts["cfrf"], expected)
+    parts["fused"].backward()  # the fused term reaches the weights and no branch
+    assert model.adapted_w.grad is not None and model.adapted_w.grad.abs().sum() > 0
+    assert all(b.head.weight.grad is None for b in model.branches.values())
+    w = torch.softmax(model.adapted_w.detach(), 0).unsqueeze(1)
+    fused = (w * torch.stack([torch.sigmoid(o.logits.detach()[held]) for o in out.branches.values()])).sum(0)
+    t = targets[held]
+    bce = -(t * fused.log() + (1 - t) * (1 - fused).log()).sum() / 64
+    torch.testing.assert_close(parts["fused"], bce)
+    _, plain = model.loss(model(batch), targets)  # without ids (validation): every question everywhere
+    assert plain["cfrf"] > parts["cfrf"]
+
+
+def test_a_single_branch_holds_nothing_out() -> None:
+    model = FusedModel({"cfrf": Toy(4, 6, 0)}, 6, 0.1, holdout=0.5)
+    assert model.holdout == 0.0
 
 
 def test_empty_branch_set_is_refused() -> None:

@@ -122,9 +122,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     real_loss = FusedModel.loss
     calls = {"n": 0}
 
-    def poisoned(self: FusedModel, output: Any, targets: torch.Tensor) -> Any:
+    def poisoned(self: FusedModel, output: Any, targets: torch.Tensor, question_ids: Any = None) -> Any:
         calls["n"] += 1
-        total, parts = real_loss(self, output, targets)
+        total, parts = real_loss(self, output, targets, question_ids)
         return (total * math.nan if calls["n"] == 8 else total), parts  # micro-batch 8 = epoch 2, step 8
 
     monkeypatch.setattr(FusedModel, "loss", poisoned)

@@ -37,7 +37,8 @@ def build_model(cfg: RunConfig, spec: DataSpec) -> FusedModel:
     from isubg.models.fusion import FusedModel
 
     branches = {name: build_branch(name, cfg, spec) for name in cfg.model.branches}
-    return FusedModel(branches, spec.num_answers, cfg.model.fusion.fusion_ratio)
+    fusion = cfg.model.fusion
+    return FusedModel(branches, spec.num_answers, fusion.fusion_ratio, fusion.holdout)
 
 
 def parameter_counts(model: FusedModel) -> dict[str, int]:
