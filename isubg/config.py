@@ -288,6 +288,13 @@ class TrainConfig(_Section):
         2.8e-4, "Main learning rate (Adamax; every non-X-VLM parameter).", advice=_range(1e-4, 5e-4), seed=True, gt=0.0
     )
     xvlm_lr: Float = _p(5e-5, "X-VLM branch learning rate (AdamW).", advice=_range(1e-5, 1e-4), seed=True, gt=0.0)
+    fusion_lr: Float | None = _p(
+        None,
+        "Learning rate of the per-answer fusion weights (a parameter group of the main Adamax, on its schedule); "
+        "unset: train.lr, as the reference. The weights must follow the branches as they improve; at the main "
+        "rate they lag by epochs.",
+        gt=0.0,
+    )
     batch_size: Int = _p(32, "Micro-batch size.", advice=_range(16, 64, "by GPU memory"), seed=True, ge=1)
     update_freq: Int = _p(4, "Optimizer step every N accumulated micro-batches.", advice=_range(2, 8), seed=True, ge=1)
     seed: Int = _p(1204, "Random seed; the same seed reproduces a run.", seed=True, ge=0)
@@ -583,10 +590,11 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
         reason = f"sampler_type is {cfg.model.isubg.sampler_type!r}; alpha and beta only act with 'imle'"
         rules += [("model.isubg.alpha", reason), ("model.isubg.beta", reason)]
     if len(branches) == 1:
-        fusion = ("model.fusion.fusion_ratio", "model.fusion.holdout")
+        fusion = ("model.fusion.fusion_ratio", "model.fusion.holdout", "train.fusion_lr")
         rules += [(path, "fusion needs at least two branches") for path in fusion]
     elif cfg.model.fusion.fusion_ratio == 0:
-        rules.append(("model.fusion.holdout", "fusion_ratio is 0, so the fusion weights never learn"))
+        reason = "fusion_ratio is 0, so the fusion weights never learn"
+        rules += [(path, reason) for path in ("model.fusion.holdout", "train.fusion_lr")]
     # An X-VLM settings file can switch vision to swin/vit at build time, but only when data.image_root is set.
     x = cfg.model.xvlm
     if x.vision == "regions" and (x.xvlm_config is None or cfg.data.image_root is None):

@@ -3,8 +3,8 @@
 1. Set-up: processes (torchrun's environment -> DDP), device, precision, seed.
 2. Data: the processed train and validation splits, visited in a seeded, resumable `EpochOrder`.
 3. Model: `build_model`, then two optimizers, as in the seed system: Adamax at `train.lr` for every
-   non-X-VLM parameter (the fusion weights included) and AdamW at `train.xvlm_lr` (weight decay
-   `optim.xvlm_weight_decay`, constant rate) for the xvlm branch.
+   non-X-VLM parameter (the fusion weights in a group of their own at `train.fusion_lr`) and AdamW at
+   `train.xvlm_lr` (weight decay `optim.xvlm_weight_decay`, constant rate) for the xvlm branch.
 4. Schedule (`train.schedule: ban`): BAN's epoch schedule, as MGHR runs it for its default 20 epochs,
    stretched or squeezed to `train.epochs` and applied per optimizer step. With p = 20 x (fraction of
    training done): p < 4 -> 0.5, 1.0, 1.5, 2.0 x lr by whole p (warm-up); 4 <= p < 10 -> 2 x lr; then x 0.25
@@ -263,8 +263,12 @@ def make_trainer(
     """Optimizers, schedule, scaler and (under torchrun) the DDP wrapper for `model`, already on `device`."""
     xvlm = model.branches["xvlm"] if "xvlm" in model.branches else None  # noqa: SIM401 (ModuleDict has no get)
     xvlm_ids = {id(p) for p in xvlm.parameters()} if xvlm is not None else set()
-    main_params = [p for p in model.parameters() if id(p) not in xvlm_ids and p.requires_grad]
-    main_opt = torch.optim.Adamax(main_params, lr=cfg.train.lr)
+    skip = xvlm_ids | {id(model.adapted_w)}
+    main_params = [p for p in model.parameters() if id(p) not in skip and p.requires_grad]
+    # The fusion weights are their own group so that train.fusion_lr can move them faster than the branches.
+    fusion_lr = cfg.train.fusion_lr if cfg.train.fusion_lr is not None else cfg.train.lr
+    groups = [{"params": main_params}, {"params": [model.adapted_w], "lr": fusion_lr}]
+    main_opt = torch.optim.Adamax(groups, lr=cfg.train.lr)
     xvlm_opt = None
     if xvlm is not None:
         params = [p for p in xvlm.parameters() if p.requires_grad]
@@ -314,6 +318,13 @@ def restore(t: Trainer, state: dict[str, Any], vocab: str, where: Path) -> None:
     t.cfg.train.batch_size = state["config"]["train"]["batch_size"]
     t.cfg.optim.gradient_accumulation_steps = state["config"]["optim"]["gradient_accumulation_steps"]
     t.model.load_state_dict(state["model"])
+    saved_groups = len(state["optimizers"]["main"]["param_groups"])
+    if saved_groups != len(t.main_opt.param_groups):
+        raise ConfigError(
+            f"{where}: written by an older isubg whose main optimizer had {saved_groups} parameter group(s) "
+            f"(now {len(t.main_opt.param_groups)}: the branches and the fusion weights); it can be evaluated but "
+            "not resumed"
+        )
     t.main_opt.load_state_dict(state["optimizers"]["main"])
     if t.xvlm_opt is not None:
         t.xvlm_opt.load_state_dict(state["optimizers"]["xvlm"])

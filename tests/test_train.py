@@ -25,6 +25,7 @@ from isubg.train import (
     make_trainer,
     micro_step,
     open_split,
+    optimizer_step,
     read_metrics,
     train,
 )
@@ -89,6 +90,37 @@ def test_same_seed_same_weights_other_seed_other_weights(gqa: Path, tmp_path: Pa
     run(config("seed=7"), tmp_path / "c", gqa)
     assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
     assert not same(weights(tmp_path / "a"), weights(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("fusion_lr", [None, 0.05])
+def test_fusion_weights_step_at_their_own_learning_rate(gqa: Path, fusion_lr: float | None) -> None:
+    sets = ["model.branches=[cfrf,isubg]", "lr=1e-3"] + ([] if fusion_lr is None else [f"train.fusion_lr={fusion_lr}"])
+    cfg = config(*sets)
+    data = open_split(cfg, gqa, "train", 8)
+    from isubg.models import build_model
+
+    model = build_model(cfg, data.spec())
+    t = make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes())
+    before = model.adapted_w.detach().clone()
+    micro_step(t, collate([data[i] for i in range(8)], data.num_answers), 1.0, sync=True)
+    moved = model.adapted_w.grad.abs() > 1e-3 * model.adapted_w.grad.abs().max()
+    optimizer_step(t)
+    # Adamax's first step moves each parameter by lr x sign(gradient) (no clipping at this gradient norm).
+    step = (model.adapted_w.detach() - before).abs()[moved]
+    torch.testing.assert_close(step, torch.full_like(step, fusion_lr or 1e-3), rtol=1e-3, atol=0.0)
+
+
+def test_resuming_a_checkpoint_with_one_main_parameter_group_is_a_clear_error(gqa: Path, tmp_path: Path) -> None:
+    from isubg.errors import ConfigError
+
+    run(config(), tmp_path / "old", gqa, stop_after_steps=1)
+    file = tmp_path / "old" / "checkpoints" / "last.pt"
+    state = load_checkpoint(file)
+    groups = state["optimizers"]["main"]["param_groups"]
+    groups[0]["params"] += groups.pop()["params"]  # the layout before train.fusion_lr: one group
+    torch.save(state, file)
+    with pytest.raises(ConfigError, match="1 parameter group"):
+        run(config(), tmp_path / "old", gqa, resume=True)
 
 
 @pytest.mark.parametrize("stop_at", [2, 4], ids=["inside-epoch-1", "inside-epoch-2"])
