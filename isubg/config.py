@@ -22,6 +22,8 @@ import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from isubg.branches import BRANCHES as _REGISTRY
+from isubg.branches import branch_names
 from isubg.errors import ConfigError
 
 __all__ = [
@@ -40,7 +42,8 @@ __all__ = [
     "seed_params",
 ]
 
-BRANCHES: tuple[str, ...] = ("cfrf", "isubg", "xvlm")
+BRANCHES: tuple[str, ...] = branch_names()  # isubg.branches is the one place a branch is declared
+BranchName = Literal[BRANCHES]  # type: ignore[valid-type]  # the registered names, for the schema
 
 
 @dataclass(frozen=True)
@@ -262,8 +265,8 @@ class FusionConfig(_Section):
 class ModelConfig(_Section):
     """Which branches run, and each branch's settings."""
 
-    branches: list[Literal["cfrf", "isubg", "xvlm"]] = _p(
-        list(BRANCHES), "Branches to build and train: any non-empty subset of cfrf, isubg, xvlm."
+    branches: list[BranchName] = _p(
+        list(BRANCHES), f"Branches to build and train: any non-empty subset of {', '.join(BRANCHES)}."
     )
     cfrf: CfrfConfig = Field(default_factory=CfrfConfig)
     isubg: IsubgConfig = Field(default_factory=IsubgConfig)
@@ -580,8 +583,10 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
                 for path in param_specs()
                 if path.startswith(f"model.{branch}.") and path != "model.xvlm.topk"
             )
-    if "xvlm" not in branches:
-        rules += [(p, "the xvlm branch is not in model.branches") for p in ("train.xvlm_lr", "optim.xvlm_weight_decay")]
+    for spec in _REGISTRY.values():  # an optimizer of its own acts only when its branch is built
+        if spec.name not in branches and spec.optimizer == "adamw":
+            reason = f"the {spec.name} branch is not in model.branches"
+            rules += [(p, reason) for p in (spec.lr_field, spec.weight_decay_field) if p is not None]
     if not cfg.model.cfrf.use_counter:
         rules.append(("model.cfrf.counter_act", "use_counter is off"))
     if cfg.model.cfrf.AOA_layers == 0:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isubg.branches import BRANCHES
 from isubg.errors import DataError
 
 __all__ = [
@@ -44,9 +45,9 @@ __all__ = [
 ]
 
 # Accuracy keys in display order; names not listed here (a future branch) follow in order of appearance.
-ACC_ORDER = ("cfrf", "isubg", "xvlm", "fused", "ens", "bound")
+ACC_ORDER = (*BRANCHES, "fused", "ens", "bound")
 # "bound" (oracle: any branch right) sits near 100% and would flatten the curves that matter.
-_PLOTTED_ACC = ("cfrf", "isubg", "xvlm", "fused", "ens")
+_PLOTTED_ACC = (*BRANCHES, "fused", "ens")
 PLOT_NAMES = ("loss.png", "accuracy.png", "throughput.png", "memory.png")
 
 # Numeric fields per event: checked on read so a bad value is reported with its file:line, not as a crash later.

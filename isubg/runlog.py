@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from isubg.branches import BRANCHES
 from isubg.config import RunConfig
 from isubg.console import err_console
 from isubg.data.files import write_json_atomic
@@ -37,7 +38,7 @@ from isubg.device import Precision, memory_mib, peak_memory_mib
 
 __all__ = ["TrainResult", "TrainUI", "pct"]
 
-_ACC_ORDER = ("cfrf", "isubg", "xvlm", "fused", "ens", "bound")
+_ACC_ORDER = (*BRANCHES, "fused", "ens", "bound")
 
 
 def pct(value: float | None) -> str:

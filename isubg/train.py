@@ -2,16 +2,18 @@
 
 1. Set-up: processes (torchrun's environment -> DDP), device, precision, seed.
 2. Data: the processed train and validation splits, visited in a seeded, resumable `EpochOrder`.
-3. Model: `build_model`, then two optimizers, as in the seed system: Adamax at `train.lr` for every
-   non-X-VLM parameter (the fusion weights in a group of their own at `train.fusion_lr`) and AdamW at
-   `train.xvlm_lr` (weight decay `optim.xvlm_weight_decay`, constant rate) for the xvlm branch.
+3. Model: `build_model`, then its optimizers (`isubg.step.make_optimizers`), as in the research system:
+   Adamax at `train.lr` for the cfrf and isubg branches (the fusion weights in a group of their own at
+   `train.fusion_lr`) and AdamW at `train.xvlm_lr` (weight decay `optim.xvlm_weight_decay`, constant rate)
+   for the xvlm branch.
 4. Schedule (`train.schedule: ban`): BAN's epoch schedule, as MGHR runs it for its default 20 epochs,
    stretched or squeezed to `train.epochs` and applied per optimizer step. With p = 20 x (fraction of
    training done): p < 4 -> 0.5, 1.0, 1.5, 2.0 x lr by whole p (warm-up); 4 <= p < 10 -> 2 x lr; then x 0.25
    at p = 10, 12, 14, 16, 18. At epochs = 20 it equals the reference at every epoch start.
 5. Micro-batches: the loss of each is divided by the number of micro-batches in its accumulation group
    (update_freq x gradient_accumulation_steps, fewer for the last group of an epoch), so one update sees
-   the mean gradient; then unscale (fp16), clip the global norm to `optim.clip_norm`, step both optimizers.
+   the mean gradient; then unscale (fp16), clip the global norm to `optim.clip_norm`, step the optimizers
+   (`isubg.step`: the same step `profile-memory --measure` and the benchmarks take).
    A non-finite loss or gradient norm stops the run ("diverged") before the update, keeping the last good
    checkpoint.
 6. After each epoch: validation accuracy per branch and fused, `last.pt` (and `best.pt` when the fused
@@ -34,7 +36,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import partial
@@ -68,6 +70,7 @@ from isubg.models.fusion import FusedModel
 from isubg.models.xvlm_config import image_input
 from isubg.resolve import dump_config
 from isubg.runlog import TrainResult, TrainUI
+from isubg.step import Stepper, apply_update, forward_backward, make_optimizers
 
 __all__ = ["EpochHook", "TrainResult", "ban_multiplier", "seed_everything", "train"]
 
@@ -232,24 +235,12 @@ class Progress:
 
 
 @dataclass
-class Trainer:
-    """Everything one optimizer step touches."""
+class Trainer(Stepper):
+    """A Stepper (what one optimizer step touches) with the run's config, processes and progress."""
 
     cfg: RunConfig
-    model: FusedModel
-    wrapped: nn.Module  # the model, or its DDP wrapper
-    main_opt: torch.optim.Optimizer
-    xvlm_opt: torch.optim.Optimizer | None
-    schedule: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    precision: Precision
     procs: Processes
     progress: Progress = field(default_factory=Progress)
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o for o in (self.main_opt, self.xvlm_opt) if o is not None]
 
 
 def make_trainer(
@@ -261,40 +252,28 @@ def make_trainer(
     procs: Processes,
 ) -> Trainer:
     """Optimizers, schedule, scaler and (under torchrun) the DDP wrapper for `model`, already on `device`."""
-    xvlm = model.branches["xvlm"] if "xvlm" in model.branches else None  # noqa: SIM401 (ModuleDict has no get)
-    xvlm_ids = {id(p) for p in xvlm.parameters()} if xvlm is not None else set()
-    skip = xvlm_ids | {id(model.adapted_w)}
-    main_params = [p for p in model.parameters() if id(p) not in skip and p.requires_grad]
-    # The fusion weights are their own group so that train.fusion_lr can move them faster than the branches.
-    fusion_lr = cfg.train.fusion_lr if cfg.train.fusion_lr is not None else cfg.train.lr
-    groups = [{"params": main_params}, {"params": [model.adapted_w], "lr": fusion_lr}]
-    main_opt = torch.optim.Adamax(groups, lr=cfg.train.lr)
-    xvlm_opt = None
-    if xvlm is not None:
-        params = [p for p in xvlm.parameters() if p.requires_grad]
-        xvlm_opt = torch.optim.AdamW(params, lr=cfg.train.xvlm_lr, weight_decay=cfg.optim.xvlm_weight_decay)
+    optimizers = make_optimizers(cfg, model)
     if cfg.train.schedule == "ban":
         rule = partial(ban_multiplier, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs)
     else:
         rule = partial(lambda _step: 1.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(main_opt, rule)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizers.main, rule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     wrapped: nn.Module = model
     if procs.world > 1:
         # Branch subsets and the sampler leave some parameters without a gradient in some steps.
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    return Trainer(cfg, model, wrapped, main_opt, xvlm_opt, schedule, scaler, device, precision, procs)
+    return Trainer(
+        model, wrapped, optimizers, schedule, scaler, precision, device, cfg.optim.clip_norm, cfg=cfg, procs=procs
+    )
 
 
 def checkpoint_state(t: Trainer, spec: dict[str, int], vocab: str) -> dict[str, Any]:
     """Everything `restore` needs (layout in isubg.checkpoint)."""
-    optimizers = {"main": t.main_opt.state_dict()}
-    if t.xvlm_opt is not None:
-        optimizers["xvlm"] = t.xvlm_opt.state_dict()
     return {
         "version": CHECKPOINT_VERSION,
         "model": strip_module_prefix(t.model.state_dict()),
-        "optimizers": optimizers,
+        "optimizers": t.optimizers.state_dict(),
         "scheduler": t.schedule.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
         "rng": rng_state(),
@@ -318,16 +297,7 @@ def restore(t: Trainer, state: dict[str, Any], vocab: str, where: Path) -> None:
     t.cfg.train.batch_size = state["config"]["train"]["batch_size"]
     t.cfg.optim.gradient_accumulation_steps = state["config"]["optim"]["gradient_accumulation_steps"]
     t.model.load_state_dict(state["model"])
-    saved_groups = len(state["optimizers"]["main"]["param_groups"])
-    if saved_groups != len(t.main_opt.param_groups):
-        raise ConfigError(
-            f"{where}: written by an older isubg whose main optimizer had {saved_groups} parameter group(s) "
-            f"(now {len(t.main_opt.param_groups)}: the branches and the fusion weights); it can be evaluated but "
-            "not resumed"
-        )
-    t.main_opt.load_state_dict(state["optimizers"]["main"])
-    if t.xvlm_opt is not None:
-        t.xvlm_opt.load_state_dict(state["optimizers"]["xvlm"])
+    t.optimizers.load_state_dict(state["optimizers"], where)
     t.schedule.load_state_dict(state["scheduler"])
     if state["scaler"]:
         t.scaler.load_state_dict(state["scaler"])
@@ -388,43 +358,6 @@ def _mean_across(t: Trainer, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=t.device)
     tdist.all_reduce(tensor)
     return [v / t.procs.world for v in tensor.tolist()]
-
-
-def micro_step(t: Trainer, batch: Any, scale: float, sync: bool) -> float:
-    """Forward and backward of one micro-batch; the loss is multiplied by `scale` before backward.
-
-    Returns the unscaled loss (nan when it is not finite; backward still runs so DDP ranks stay in step).
-    """
-    batch = batch.to(t.device, non_blocking=True)
-    ddp = isinstance(t.wrapped, nn.parallel.DistributedDataParallel)
-    # Gradients are all-reduced once per update, on its last micro-batch, not after every micro-batch.
-    with t.wrapped.no_sync() if ddp and not sync else nullcontext():
-        with t.precision.autocast(t.device):
-            output = t.wrapped(batch)
-        loss, _parts = t.model.loss(output, batch.targets, batch.question_ids)
-        t.scaler.scale(loss * scale).backward()
-    value = loss.item()
-    return value if math.isfinite(value) else math.nan
-
-
-def optimizer_step(t: Trainer) -> float:
-    """Unscale, clip, step both optimizers and the schedule; returns the gradient norm before clipping.
-
-    Without a grad scaler a non-finite norm means divergence: nothing is stepped and the caller stops.
-    (With fp16's scaler an overflow is expected now and then; the scaler skips that step and lowers its scale.)
-    """
-    for opt in t.optimizers:
-        t.scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.optim.clip_norm).item()
-    if math.isfinite(norm) or t.scaler.is_enabled():
-        for opt in t.optimizers:
-            t.scaler.step(opt)
-        t.scaler.update()
-        t.schedule.step()
-        t.progress.step += 1
-    for opt in t.optimizers:
-        opt.zero_grad(set_to_none=True)
-    return norm
 
 
 def out_of_memory(t: Trainer) -> None:
@@ -499,7 +432,7 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
         in_group = min(group, total - group_start)  # the last group of an epoch may be short
         last_of_group = prog.batch - group_start == in_group - 1
         try:
-            losses.append(micro_step(t, batch, 1.0 / in_group, sync=last_of_group))
+            losses.append(forward_backward(t, batch, 1.0 / in_group, sync=last_of_group))
         except torch.OutOfMemoryError:
             out_of_memory(t)
             prog.batch = group_start  # the interrupted group is redone from its first sample
@@ -512,16 +445,18 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
         bad_loss, interrupted = _any_rank(t, math.isnan(sum(losses[-in_group:])), bool(stop))
         if bad_loss:
             return outcome("diverged", f"the loss became nan/inf at step {prog.step + 1} (epoch {prog.epoch + 1})")
-        norm = optimizer_step(t)
-        if not math.isfinite(norm) and not t.scaler.is_enabled():
+        norm, stepped = apply_update(t)
+        if stepped:
+            prog.step += 1
+        else:
             return outcome("diverged", f"the gradient norm became {norm} at step {prog.step + 1}")
         if prog.step % cfg.train.log_every == 0:
             count, first, since = len(losses) - window[1], window[1], window[2]
             (mean_loss,) = _mean_across(t, [sum(losses[first:]) / count])
             rate = count * cfg.train.batch_size * t.procs.world / (time.perf_counter() - since)
             ui.step_record(
-                step=prog.step, epoch=prog.epoch + 1, loss=mean_loss, lr=t.main_opt.param_groups[0]["lr"],
-                xvlm_lr=t.xvlm_opt.param_groups[0]["lr"] if t.xvlm_opt is not None else None, grad_norm=norm,
+                step=prog.step, epoch=prog.epoch + 1, loss=mean_loss, lr=t.optimizers.lr("main"),
+                xvlm_lr=t.optimizers.lr("xvlm"), grad_norm=norm,
                 samples_per_s=rate,
             )  # fmt: skip
             window = (0, len(losses), time.perf_counter())

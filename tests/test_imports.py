@@ -11,12 +11,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "isubg"
 
-# Lower layers never import higher ones (DESIGN.md: config/batch/metrics/device -> data, models,
+# Lower layers never import higher ones (docs/design.md#layers: config/batch/metrics/device -> data, models,
 # checkpoint, memory -> train/evaluate -> tune -> cli). Every module must be listed here.
 LAYERS = {
     "isubg": 0,
     "isubg.yamlio": 0,
     "isubg.errors": 0,
+    "isubg.branches": 0,
     "isubg.config": 1,
     "isubg.metrics": 1,
     "isubg.device": 1,
@@ -53,6 +54,7 @@ LAYERS = {
     "isubg.models.xvlm_config": 4,
     "isubg.models.fusion": 5,
     "isubg.report": 7,
+    "isubg.step": 6,
     "isubg.memory": 7,
     "isubg.evaluate": 7,
     "isubg.runlog": 7,

@@ -19,13 +19,12 @@ from isubg.data.dataset import collate
 from isubg.device import Precision
 from isubg.models.fusion import FusedModel
 from isubg.resolve import resolve_config
+from isubg.step import apply_update, forward_backward
 from isubg.train import (
     Processes,
     ban_multiplier,
     make_trainer,
-    micro_step,
     open_split,
-    optimizer_step,
     read_metrics,
     train,
 )
@@ -102,9 +101,9 @@ def test_fusion_weights_step_at_their_own_learning_rate(gqa: Path, fusion_lr: fl
     model = build_model(cfg, data.spec())
     t = make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes())
     before = model.adapted_w.detach().clone()
-    micro_step(t, collate([data[i] for i in range(8)], data.num_answers), 1.0, sync=True)
+    forward_backward(t, collate([data[i] for i in range(8)], data.num_answers), 1.0, sync=True)
     moved = model.adapted_w.grad.abs() > 1e-3 * model.adapted_w.grad.abs().max()
-    optimizer_step(t)
+    apply_update(t)
     # Adamax's first step moves each parameter by lr x sign(gradient) (no clipping at this gradient norm).
     step = (model.adapted_w.detach() - before).abs()[moved]
     torch.testing.assert_close(step, torch.full_like(step, fusion_lr or 1e-3), rtol=1e-3, atol=0.0)
@@ -184,11 +183,11 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient(gqa: Path) -> Non
     model = build_model(cfg, data.spec()).eval()  # eval: no dropout, so both paths compute the same function
     t = make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes())
     samples = [data[i] for i in range(16)]
-    micro_step(t, collate(samples, data.num_answers), 1.0, sync=True)
+    forward_backward(t, collate(samples, data.num_answers), 1.0, sync=True)
     big = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     for half in (samples[:8], samples[8:]):
-        micro_step(t, collate(half, data.num_answers), 0.5, sync=True)
+        forward_backward(t, collate(half, data.num_answers), 0.5, sync=True)
     for name, grad in big.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
 
@@ -207,7 +206,7 @@ def test_bf16_autocast_path_trains_on_cpu(gqa: Path, tmp_path: Path, monkeypatch
 
 
 def test_ban_schedule_equals_the_reference_at_twenty_epochs() -> None:
-    # MGHR's per-epoch multipliers of lr (mghr_system.md 2.4): warm-up, hold at 2x, x0.25 every 2 epochs from 10.
+    # MGHR's per-epoch lr multipliers (docs/deviations.md#ban-schedule): warm-up, hold 2x, x0.25 every 2 epochs from 10.
     expected = [0.5, 1.0, 1.5, 2.0] + [2.0] * 6 + [0.5, 0.5, 0.125, 0.125, 2 / 4**3, 2 / 4**3, 2 / 4**4, 2 / 4**4]
     expected += [2 / 4**5, 2 / 4**5]
     assert [ban_multiplier(e * 7, 7, 20) for e in range(20)] == expected

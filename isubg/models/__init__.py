@@ -1,6 +1,6 @@
 """The models: three branches (cfrf, isubg, xvlm) and their per-answer fusion.
 
-`BRANCHES` maps a branch name (as in `model.branches`) to the module that builds it; every module
+`isubg.branches.BRANCHES` names each branch's module (as in `model.branches`); every branch module
 exposes `build(cfg, spec) -> nn.Module`. Modules are imported on demand, so importing this package
 does not import torch.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from isubg.branches import BRANCHES
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -17,9 +19,7 @@ if TYPE_CHECKING:
     from isubg.config import RunConfig
     from isubg.models.fusion import FusedModel
 
-__all__ = ["BRANCHES", "build_branch", "build_model", "parameter_counts"]
-
-BRANCHES: dict[str, str] = {"cfrf": "isubg.models.cfrf", "isubg": "isubg.models.isubg", "xvlm": "isubg.models.xvlm"}
+__all__ = ["build_branch", "build_model", "parameter_counts"]
 
 
 def build_branch(name: str, cfg: RunConfig, spec: DataSpec) -> nn.Module:
@@ -28,7 +28,7 @@ def build_branch(name: str, cfg: RunConfig, spec: DataSpec) -> nn.Module:
     Raises:
         KeyError: an unknown branch name (the config schema prevents it for user input).
     """
-    module = importlib.import_module(BRANCHES[name])
+    module = importlib.import_module(BRANCHES[name].module)
     return module.build(cfg, spec)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,6 @@ class FusedOutput:
 
     branches: dict[str, BranchOutput]
     fused: torch.Tensor
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def probabilities(self) -> dict[str, torch.Tensor]:
         """Branch name -> (B, A) sigmoid probabilities, plus "fused"."""
@@ -91,6 +90,10 @@ class FusedModel(nn.Module):
         self.holdout = holdout if len(branches) > 1 else 0.0
         # Ones, as in the reference: every branch starts with weight 1/K for every answer.
         self.adapted_w = nn.Parameter(torch.ones(len(branches), num_answers))
+
+    def branch(self, name: str) -> nn.Module | None:
+        """The branch called `name`, or None when this model does not build it."""
+        return self.branches[name] if name in self.branches else None  # noqa: SIM401 (ModuleDict has no get)
 
     def forward(self, batch: Batch) -> FusedOutput:
         """Run every branch and fuse.
