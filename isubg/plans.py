@@ -14,7 +14,7 @@ A plan is a YAML file (the shipped ones live in `presets/plans/`, a user's is gi
       - {name: optimisation, params: [lr, xvlm_lr, batch_size, epochs]}
     trials: 12                    # search: trials in the study; staged: trials per step
 
-A parameter without a range is searched over the guide's advice range (HYPERPARAMETERS.md); a bool or a
+A parameter without a range is searched over the guide's advice range (docs/hyperparameters.md); a bool or a
 one-of parameter over its choices. `expand` turns a plan into the study's slots: one per trial, each with
 fixed values (grid, one-at-a-time) or a search space for the sampler (search, staged).
 

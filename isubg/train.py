@@ -64,6 +64,7 @@ from isubg.data.order import EpochOrder
 from isubg.device import Precision, peak_memory_mib, pick_device, pick_precision
 from isubg.errors import ConfigError, ResourceError
 from isubg.evaluate import evaluate
+from isubg.memory import WorstCase, estimate, largest_graph
 from isubg.metrics import AccuracyTable, gqa_accuracy, vqa_accuracy
 from isubg.models import build_model, parameter_counts
 from isubg.models.fusion import FusedModel
@@ -111,8 +112,6 @@ def fit_micro_batch(cfg: RunConfig, spec: Any, device: torch.device, data_dir: P
         return None
     if device.type != "cuda":
         return "dynamic_batch_size: no device memory to fit on the CPU; the micro-batch stays, OOM recovery is on"
-    from isubg.memory import WorstCase, estimate, largest_graph
-
     model = estimate(cfg, spec, WorstCase.for_config(cfg, spec, graph=largest_graph(data_dir), source="data"))
     total = torch.cuda.get_device_properties(device).total_memory
     fitted = model.largest_exact_batch(total, cfg.memory.max_memory_usage)

@@ -26,6 +26,7 @@ from isubg.memory import (
     estimate,
     largest_graph,
     measure_peak_cuda,
+    suggestions,
     synthetic_spec,
     worst_case_batch,
 )
@@ -226,9 +227,9 @@ def test_suggestions_are_quantified_and_empty_when_it_fits() -> None:
     cfg = tiny_config("data.max_boxes=40")
     worst = WorstCase(**{**WORST.__dict__, "boxes": 40})
     est = estimate(cfg, spec_for(cfg), worst)
-    assert est.suggestions(100 * GIB) == []
+    assert suggestions(est, 100 * GIB) == []
     tight = int((est.total(32) - 1) / 0.8)
-    lines = est.suggestions(tight)
+    lines = suggestions(est, tight)
     labels = [line.split(":")[0] for line in lines]
     # grouped by the model they need; no smaller preset: this tiny model is already smaller than any
     assert labels == [
@@ -394,3 +395,30 @@ def test_cli_uses_the_sizes_and_largest_graph_of_the_data(tiny_demo: Path) -> No
     assert (worst["graph_nodes"], worst["graph_edges"]) == largest_graph(folder)
     assert worst["graph_source"] == f"{folder / 'graphs_gt.json'} + {folder / 'graphs_detected.json'}"
     assert worst["answers"] == len(read_json(folder / "answers.json")["answers"])
+
+
+def test_measured_peak_takes_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA measurement's logic on the CPU, with torch.cuda's counters faked: it steps the trainer's own
+    # optimizers (isubg.step) `steps` times, two micro-batches per step when the config accumulates.
+    import isubg.memory.cuda as cuda
+    from isubg import step as step_module
+
+    calls: list[int] = []
+
+    def spy(stepper: step_module.Stepper, micro_batches: list[Any]) -> tuple[list[float], float]:
+        calls.append(len(micro_batches))
+        assert [g["lr"] for g in stepper.optimizers.main.param_groups] == [cfg.train.lr, cfg.train.lr]
+        assert set(stepper.optimizers.by_name) == {"main", "xvlm"}
+        before = [p.detach().clone() for p in stepper.model.parameters()]
+        result = step_module.train_step(stepper, micro_batches)
+        assert any(not torch.equal(a, b) for a, b in zip(before, stepper.model.parameters(), strict=True))
+        return result
+
+    monkeypatch.setattr(cuda.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cuda.torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(cuda.torch.cuda, "max_memory_allocated", lambda device=None: 12345)
+    monkeypatch.setattr(cuda, "train_step", spy)
+    cfg = tiny_config("gradient_accumulation_steps=2")
+    assert measure_peak_cuda(cfg, spec_for(cfg), 2, steps=3, device="cpu") == 12345
+    assert calls == [2, 2, 2]

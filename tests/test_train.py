@@ -284,7 +284,7 @@ def test_dynamic_batch_size_fits_the_micro_batch_before_training_on_cuda(
     gqa: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The CUDA sizing logic with the device and the memory model faked: 13 fits, 12 is the largest divisor of 24.
-    import isubg.memory
+    import isubg.train
     from isubg.train import fit_micro_batch
 
     class Model:
@@ -298,7 +298,7 @@ def test_dynamic_batch_size_fits_the_micro_batch_before_training_on_cuda(
         def total(self, batch: int) -> int:
             return batch * 2**30
 
-    monkeypatch.setattr(isubg.memory, "estimate", lambda cfg, spec, worst: Model())
+    monkeypatch.setattr(isubg.train, "estimate", lambda cfg, spec, worst: Model())
     props = type("Props", (), {"total_memory": 80 * 2**30})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     cfg = config("batch_size=24", "dynamic_batch_size=true", "max_memory_usage=0.8")

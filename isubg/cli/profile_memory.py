@@ -165,7 +165,9 @@ def _report(est: MemoryEstimate, device_bytes: int | None, device_source: str, m
         recommended_accumulation=est.accumulation_for(exact) if exact else None,
     )
     if not out["fits"]:
-        out["suggestions"] = est.suggestions(device_bytes)
+        from isubg.memory import suggestions  # the CLI front door stays torch-free until a command runs
+
+        out["suggestions"] = suggestions(est, device_bytes)
     return out
 
 

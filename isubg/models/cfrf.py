@@ -28,7 +28,7 @@ the entity and stat-word fusions; data.tfidf = the 600-d words; memory.memory_ef
 per-glimpse attention maps, scaled_dot_product_attention in AoA and checkpointed AoA layers in training
 (same outputs and gradients). question_len, num_stat_word and max_boxes arrive as the batch's L, S, K.
 
-Deviations from the reference code (ban_cfr_aoa.md, mghr_system.md), and why:
+Deviations from the reference code, and why (also in docs/deviations.md#fine-grained-branch-cfrf):
 - Padding is masked on both sides of every attention, in the counter and in the final token sum, so a
   sample's output does not depend on its batch; a fusion with no context words (no entity or no stat
   word) leaves its stream unchanged instead of adding a bias-only update.
@@ -41,10 +41,11 @@ Deviations from the reference code (ban_cfr_aoa.md, mghr_system.md), and why:
   the question's embedding table (the reference loaded its three tables from one file anyway) and no
   stat-word GRU: they are a ranked label set, not a sentence.
 - omega scales the fusion residual only (CFR also scaled the context before its ReLU projection).
-- AoA layers have width num_hid (the reference hard-coded 1024 and crashed otherwise), LayerNorm after
-  each residual, masks on the keys, and `_heads(num_hid)` heads. As in the reference one AoA module per
-  depth serves its three roles (q self, v self, v <- q), which keeps the parameter count and memory of
-  the presets; each role has its own LayerNorm.
+- AoA layers have width num_hid (the reference hard-coded 1024 and crashed otherwise), masks on the keys,
+  `_heads(num_hid)` heads, and LayerNorms placed by `aoa_norm` (default `pre`: on what each attention reads,
+  so the residual streams keep their scale; docs/deviations.md#aoa-layer-norm). As in the reference one AoA
+  module per depth serves its three roles (q self, v self, v <- q), which keeps the parameter count and
+  memory of the presets; each role has its own LayerNorm.
 - Plain Linear layers instead of weight norm (as the shared Classifier): weight norm rebuilt every weight
   each step and is deprecated; BCNet's fixed dropouts (0.2 on inputs, 0.5 on the attended side) are kept.
 """

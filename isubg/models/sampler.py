@@ -6,7 +6,7 @@ torch_geometric batches, so graphs of different sizes are handled without paddin
 every graph to the largest one with score 0, and a padding slot could outrank real nodes, leaving small
 graphs with fewer than k (even 0) nodes. Here the top-k is a sort by (graph, score), so it is exact.
 
-Samplers (the facts follow the reference's sources, sec. 1.5 of reference/isubgvqa_xvlm.md):
+Samplers (what the reference's samplers do: docs/deviations.md#reference-samplers):
 
 - "imle" (implicit maximum-likelihood estimation, perturb-and-MAP). Training forward:
   z = topk(theta + tau * eps) with Sum-of-Gamma noise eps (the seed document's choice; the reference

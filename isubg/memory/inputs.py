@@ -1,0 +1,104 @@
+"""The worst-case input a run can see, and the sizes of data not yet prepared.
+
+`WorstCase` (isubg.memory.estimate) is sized from the config and, where a processed folder is given, from its
+largest scene graph (`largest_graph`); `worst_case_batch` builds a real Batch of that size for the measurement
+passes, and `synthetic_spec` stands in for a DataSpec when there is no processed data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from isubg.batch import Batch, DataSpec
+from isubg.config import RunConfig
+from isubg.data.files import read_json
+from isubg.data.synthetic import random_batch
+from isubg.errors import DataError
+from isubg.memory.estimate import WorstCase
+
+__all__ = ["batch_tensors", "largest_graph", "synthetic_spec", "worst_case_batch"]
+
+TFIDF_PER_ROW = 8  # tf-idf entries per word of the synthetic matrix
+
+
+def largest_graph(folder: Path) -> tuple[int, int]:
+    """(most nodes, most edges) over the scene graphs of a processed folder: graphs_gt.json and graphs_detected.json.
+
+    Both files count whatever data.scene_graphs picks, so the bound holds for every mode and split. Edges count
+    the reverse edges the dataset adds (isubg.data.scene_graphs.to_pyg), as the model sees them.
+
+    Raises:
+        DataError: a graph file is missing or malformed, or neither holds a graph.
+    """
+    most_nodes = most_edges = found = 0
+    for name in ("graphs_gt.json", "graphs_detected.json"):
+        path = Path(folder) / name
+        graphs = read_json(path)
+        if not isinstance(graphs, dict):
+            raise DataError(f"{path}: expected an object of image id -> scene graph")
+        found += len(graphs)
+        for image_id, graph in graphs.items():
+            try:
+                pairs = [(int(s), int(t)) for s, t in graph["edges"]]
+                nodes = len(graph["names"])
+            except (KeyError, TypeError, ValueError):
+                why = "a scene graph needs 'names' and 'edges' [[source, target], ...]"
+                raise DataError(f"{path}: image {image_id}: {why}") from None
+            added = {(t, s) for s, t in pairs} - set(pairs)
+            most_nodes, most_edges = max(most_nodes, nodes), max(most_edges, len(pairs) + len(added))
+    if not found:
+        raise DataError(f"{folder}: graphs_gt.json and graphs_detected.json hold no scene graph")
+    return max(most_nodes, 1), most_edges
+
+
+@cache
+def _synthetic_tfidf(words: int, per_row: int = TFIDF_PER_ROW) -> tuple[Any, Any, Any, tuple[int, int]]:
+    rng = np.random.default_rng(0)
+    rows = np.repeat(np.arange(words), per_row)
+    cols = rng.integers(0, words, words * per_row)
+    return rows, cols, np.full(words * per_row, 1.0 / per_row, np.float32), (words, words)
+
+
+def synthetic_spec(cfg: RunConfig, worst: WorstCase) -> DataSpec:
+    """A DataSpec of `worst`'s sizes with a random tf-idf matrix (TFIDF_PER_ROW entries a word) when data.tfidf."""
+    tfidf = _synthetic_tfidf(worst.num_words) if cfg.data.tfidf else None
+    return DataSpec(worst.num_words, worst.num_answers, worst.num_graph_tokens, worst.feature_dim, tfidf=tfidf)
+
+
+def worst_case_batch(
+    spec: DataSpec, worst: WorstCase, batch_size: int, *, image_res: int | None = None, seed: int = 0
+) -> Batch:
+    """A Batch of `batch_size` samples, each at the worst case's full size (CPU tensors).
+
+    Questions are long enough to fill any X-VLM tokenizer's max_tokens; `image_res` adds (B, 3, R, R) images
+    for an X-VLM Swin/ViT encoder.
+    """
+    batch = random_batch(
+        spec,
+        batch_size,
+        boxes=worst.boxes,
+        question_len=worst.question_len,
+        stat_words=worst.stat_words,
+        nodes=worst.nodes,
+        edges=worst.edges,
+        seed=seed,
+    )
+    words = " ".join(["what"] * max(worst.question_len, 64))
+    images = None
+    if image_res is not None:
+        images = torch.rand(batch_size, 3, image_res, image_res, generator=torch.Generator().manual_seed(seed))
+    return replace(batch, questions=[words] * batch_size, images=images)
+
+
+def batch_tensors(batch: Batch) -> list[torch.Tensor]:
+    """Every tensor a Batch holds on the device, the scene-graph tensors included."""
+    out = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+    graphs = batch.graphs
+    out += [graphs[key] for key in graphs.keys() if isinstance(graphs[key], torch.Tensor)]  # noqa: SIM118
+    return out
