@@ -3,7 +3,8 @@
     python benchmarks/bench_models.py [--preset default] [--batch 32] [--warmup 2] [--steps 5] [--threads 2]
                                       [--branches cfrf,isubg,xvlm,fused] [--out benchmarks/results/bench_models.json]
 
-A training step is forward + loss + backward + optimizer step (Adamax, as training uses), on random batches
+A training step is the trainer's own (isubg.step.train_step: forward + loss + backward, clipping, the
+Adamax/AdamW optimizers `isubg train` builds) in fp32 on one CPU process, on random batches
 at the seed's sizes: 50 boxes of 2048-d features, 12-token questions, 30 stat words, scene graphs of 30 nodes
 and 170 edges, 3129 answers (the VQA v2 vocabulary). Throughput is the median over `--steps` timed steps
 after `--warmup` untimed ones. Activation memory is the bytes of the tensors autograd saves for backward
@@ -24,9 +25,11 @@ import torch
 
 from isubg.batch import DataSpec
 from isubg.data.synthetic import random_batch
+from isubg.device import Precision
 from isubg.models import build_model
 from isubg.models.common import parameter_count
 from isubg.resolve import resolve_config
+from isubg.step import make_stepper, train_step
 
 
 def _tfidf(words: int, per_row: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
@@ -61,17 +64,12 @@ def measure(name: str, preset: str, batch_size: int, warmup: int, steps: int) ->
     cfg = resolve_config(preset, sets=[f"model.branches=[{', '.join(branches)}]"]).config
     torch.manual_seed(0)
     model = build_model(cfg, SPEC)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.train.lr)
+    stepper = make_stepper(cfg, model, torch.device("cpu"), Precision(None, False, "fp32"))
     batches = [random_batch(SPEC, batch_size, seed=s) for s in range(2)]
     times = []
     for step in range(warmup + steps):
-        batch = batches[step % 2]
         start = time.perf_counter()
-        out = model(batch)
-        loss, _ = model.loss(out, batch.targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(stepper, [batches[step % 2]])
         if step >= warmup:
             times.append(time.perf_counter() - start)
     activations = saved_bytes(model, batches[0])

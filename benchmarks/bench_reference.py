@@ -17,7 +17,7 @@ Two pairs, each measured in one run on identical random inputs (isubg.data.synth
   cross-entropy over its hard-coded 1842 answers, backward, Adam 5e-5) against isubg's isubg branch at
   general_hidden_dim 300, mgat_layers 4, sampler imle, sample_k 2. Both sides get 1842 answers here.
 
-The isubg side is timed as benchmarks/bench_models.py does: forward + `model.loss` + backward + Adamax step.
+The isubg side is timed as benchmarks/bench_models.py does: the trainer's step (isubg.step.train_step), fp32.
 Throughput is batch / median step time over `--steps` timed steps after `--warmup` untimed ones, with
 torch.set_num_threads(`--threads`). Every model runs in its own subprocess, so `ru_maxrss` is its own peak RSS.
 
@@ -65,9 +65,11 @@ from torch_geometric.data import Data
 
 from isubg.batch import Batch, DataSpec
 from isubg.data.synthetic import random_batch
+from isubg.device import Precision
 from isubg.models import build_model
 from isubg.models.common import parameter_count
 from isubg.resolve import resolve_config
+from isubg.step import make_stepper, train_step
 
 Step = Callable[[int], None]
 
@@ -254,21 +256,16 @@ def make_batches(pair: str, batch_size: int) -> list[Batch]:
 
 
 def setup_isubg(pair: str, args: argparse.Namespace) -> tuple[Step, dict[str, Any]]:
-    """isubg's branch for `pair` in a one-branch FusedModel, stepped as bench_models.py does."""
+    """isubg's branch for `pair` in a one-branch FusedModel, stepped by the trainer's step as bench_models.py does."""
     cfg = resolve_config("default", sets=ISUBG_SETS[pair]).config
     batches = make_batches(pair, args.batch)
     torch.manual_seed(0)
     model = build_model(cfg, data_spec(pair))
     model.train()
-    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.train.lr)
+    stepper = make_stepper(cfg, model, torch.device("cpu"), Precision(None, False, "fp32"))
 
     def step(i: int) -> None:
-        batch = batches[i % 2]
-        out = model(batch)
-        loss, _ = model.loss(out, batch.targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(stepper, [batches[i % 2]])
 
     branch = cfg.model.branches[0]
     info = {

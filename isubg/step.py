@@ -29,7 +29,15 @@ from isubg.device import Precision
 from isubg.errors import ConfigError
 from isubg.models.fusion import FusedModel
 
-__all__ = ["Optimizers", "Stepper", "apply_update", "forward_backward", "make_optimizers", "train_step"]
+__all__ = [
+    "Optimizers",
+    "Stepper",
+    "apply_update",
+    "forward_backward",
+    "make_optimizers",
+    "make_stepper",
+    "train_step",
+]
 
 MAIN = "main"  # the Adamax's name in checkpoints; an AdamW branch's optimizer goes by the branch's name
 
@@ -116,6 +124,13 @@ class Stepper:
     precision: Precision
     device: torch.device
     clip_norm: float
+
+
+def make_stepper(cfg: RunConfig, model: FusedModel, device: torch.device, precision: Precision) -> Stepper:
+    """A single-process Stepper without a schedule: what measurements and benchmarks step (`isubg train` builds
+    its own, with the schedule and the DDP wrapper)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    return Stepper(model, model, make_optimizers(cfg, model), None, scaler, precision, device, cfg.optim.clip_norm)
 
 
 def forward_backward(s: Stepper, batch: Batch, scale: float, sync: bool = True) -> float:

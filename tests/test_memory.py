@@ -422,3 +422,14 @@ def test_measured_peak_takes_the_trainers_step(monkeypatch: pytest.MonkeyPatch) 
     cfg = tiny_config("gradient_accumulation_steps=2")
     assert measure_peak_cuda(cfg, spec_for(cfg), 2, steps=3, device="cpu") == 12345
     assert calls == [2, 2, 2]
+
+
+def test_the_measurement_names_the_torch_pin_on_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    from isubg.memory import measure
+
+    measure.check_torch(measure.TESTED_TORCH + ".0")  # the checked release: silent
+    with pytest.warns(RuntimeWarning, match=r"checked on torch 2\.13, not 2\.14\.0"):
+        measure.check_torch("2.14.0")
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    with pytest.raises(ConfigError, match=r"_top_saved_tensors_default_hooks.*torch<2\.14"):
+        measure.check_torch()

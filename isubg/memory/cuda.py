@@ -16,7 +16,7 @@ from isubg.errors import ConfigError
 from isubg.memory.estimate import WorstCase
 from isubg.memory.inputs import synthetic_spec, worst_case_batch
 from isubg.models import build_model
-from isubg.step import Stepper, make_optimizers, train_step
+from isubg.step import make_stepper, train_step
 
 __all__ = ["measure_peak_cuda", "require_cuda"]
 
@@ -57,11 +57,7 @@ def measure_peak_cuda(
     model = build_model(cfg, spec).to(dev)
     model.train()
     inputs = worst_case_batch(spec, worst, batch, image_res=getattr(model.branch("xvlm"), "image_res", None))
-    stepper = Stepper(
-        model=model, wrapped=model, optimizers=make_optimizers(cfg, model), schedule=None,
-        scaler=torch.amp.GradScaler("cuda", enabled=precision.scaler), precision=precision, device=dev,
-        clip_norm=cfg.optim.clip_norm,
-    )  # fmt: skip
+    stepper = make_stepper(cfg, model, dev, precision)
     # Two micro-batches when the config accumulates, so the second forward runs with the gradients held.
     micro = 2 if cfg.train.update_freq * cfg.optim.gradient_accumulation_steps > 1 else 1
     torch.cuda.synchronize(dev)
