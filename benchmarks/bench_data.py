@@ -80,10 +80,13 @@ _RSS = "import resource; rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 LOADER = """
 import json, sys, time
 from pathlib import Path
-from isubg.data.dataset import VQADataset, make_loader
+from isubg.data.dataset import VQADataset
+from isubg.data.loaders import make_batches
+from isubg.resolve import resolve_config
 folder, workers, in_memory = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 data = VQADataset(folder, "train", question_len=12, max_boxes=50, num_stat_word=30, in_memory=in_memory)
-loader = make_loader(data, 32, shuffle=True, seed=0, num_workers=workers)
+cfg = resolve_config("default", sets=["batch_size=32", "train.seed=0", "data.num_workers=" + str(workers)]).config
+loader = make_batches(data, cfg, epoch=0, train=True)  # the loader training reads: shuffled, 32 a batch
 start = time.perf_counter(); n = sum(len(b) for b in loader); seconds = time.perf_counter() - start
 {rss}
 print(json.dumps({{"samples_per_s": n / seconds, "peak_rss_mib": rss}}))

@@ -5,7 +5,7 @@
 
 A training step is the trainer's own (isubg.step.train_step: forward + loss + backward, clipping, the
 Adamax/AdamW optimizers `isubg train` builds) in fp32 on one CPU process, on random batches
-at the seed's sizes: 50 boxes of 2048-d features, 12-token questions, 30 stat words, scene graphs of 30 nodes
+at the tuning guide's sizes: 50 boxes of 2048-d features, 12-token questions, 30 stat words, scene graphs of 30 nodes
 and 170 edges, 3129 answers (the VQA v2 vocabulary). Throughput is the median over `--steps` timed steps
 after `--warmup` untimed ones. Activation memory is the bytes of the tensors autograd saves for backward
 during one forward pass (each storage counted once), divided by the batch size.

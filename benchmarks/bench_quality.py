@@ -59,11 +59,12 @@ from isubg.batch import Batch
 from isubg.checkpoint import load_checkpoint, vocab_checksum
 from isubg.config import RunConfig
 from isubg.data.dataset import VQADataset
+from isubg.data.loaders import make_batches, open_split
 from isubg.evaluate import evaluate, load_trained
 from isubg.models.common import BranchOutput
 from isubg.models.fusion import FusedModel
 from isubg.resolve import override_config, resolve_config
-from isubg.train import Processes, ban_multiplier, majority_baseline, make_batches, open_split, seed_everything, train
+from isubg.train import ban_multiplier, majority_baseline, seed_everything, train
 
 # Demo question templates (isubg.data.demo), first match wins; other data falls back to the record's types.
 DEMO_KINDS: tuple[tuple[str, str], ...] = (
@@ -92,7 +93,7 @@ def question_kind(record: dict[str, Any], demo: bool) -> str:
 
 def score(model: nn.Module, val_set: VQADataset, cfg: RunConfig, kind: str | None, demo: bool) -> dict[str, Any]:
     """Accuracy of the primary output (fused, or the single branch) overall and per question kind."""
-    loader = make_batches(val_set, cfg, Processes(), epoch=0, train=False)
+    loader = make_batches(val_set, cfg, epoch=0, train=False)
     result = evaluate(model, ablated(loader, kind), val_set, device="cpu")
     answers = dict(result.predictions)
     per_kind: dict[str, list[float]] = defaultdict(list)
@@ -202,7 +203,7 @@ def train_reference(
     best, best_state, best_epoch = -1.0, None, 0
     for epoch in range(cfg.train.epochs):
         model.train()
-        loader = list(make_batches(train_set, cfg, Processes(), epoch=epoch, train=True))
+        loader = list(make_batches(train_set, cfg, epoch=epoch, train=True))
         for i, batch in enumerate(loader):
             in_group = min(group, len(loader) - (i - i % group))
             loss, _ = model.loss(model(batch), batch.targets)

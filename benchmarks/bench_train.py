@@ -28,8 +28,9 @@ import torch
 from rich.console import Console
 
 from isubg.presets import list_presets
+from isubg.report import read_metrics
 from isubg.resolve import resolve_config
-from isubg.train import read_metrics, train
+from isubg.train import train
 
 
 def measure(preset: str, data_root: Path, steps: int) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def measure(preset: str, data_root: Path, steps: int) -> dict[str, Any]:
         result = train(cfg, Path(tmp) / "run", data_dir=data_root / "processed" / dataset.lower(),
                        console=Console(file=io.StringIO()), stop_after_steps=steps, preset=preset)  # fmt: skip
         wall = time.perf_counter() - started
-        records = read_metrics(Path(tmp) / "run")
+        records = read_metrics(Path(tmp) / "run").records
     rates = [r["samples_per_s"] for r in records if r["event"] == "step"]
     rates = rates[len(rates) // 2 :]  # the first steps pay for kernel selection at each new box count
     start = records[0]

@@ -1,13 +1,13 @@
 """The one configuration schema: every isubg setting with its type, hard bounds, advice and help text.
 
 Hard bounds are validation errors. The tuning guide's advice ranges are not: a value outside them
-is legal and yields a `ConfigWarning`, which every command shows. Fields keep the seed guide's
+is legal and yields a `ConfigWarning`, which every command shows. Fields keep the tuning guide's
 names (`lr`, `AOA_layers`, `use_mgat`, ...) so that `--set lr=3e-4`, `--set train.lr=3e-4` and the
 `--lr` flag all reach the same place.
 
 Field metadata lives in `json_schema_extra`:
     advice: {"min": lo, "max": hi} | {"choices": [...]} | {"note": "..."} (+ optional "note")
-    seed:   True for names the seed guide defines (they get a bare-name shortcut and a CLI flag)
+    guide:  True for names the tuning guide defines (they get a bare-name shortcut and a CLI flag)
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ __all__ = [
     "format_advice",
     "format_value",
     "get_value",
+    "guide_params",
     "param_specs",
-    "seed_params",
 ]
 
 BRANCHES: tuple[str, ...] = branch_names()  # isubg.branches is the one place a branch is declared
@@ -81,11 +81,11 @@ def _p(
     description: str,
     *,
     advice: dict[str, Any] | None = None,
-    seed: bool = False,
+    guide: bool = False,
     **bounds: Any,
 ) -> Any:
-    """A schema field carrying its help text, the guide's advice and whether the seed names it."""
-    extra: dict[str, Any] = {"seed": seed}
+    """A schema field carrying its help text, the guide's advice and whether the guide names it."""
+    extra: dict[str, Any] = {"guide": guide}
     if advice is not None:
         extra["advice"] = advice
     return Field(default, description=description, json_schema_extra=extra, **bounds)
@@ -115,7 +115,7 @@ class DataConfig(_Section):
     """Where the data comes from and how questions and images are cut to size."""
 
     dataset: Annotated[Literal["GQA", "VQA"], BeforeValidator(_upper)] = _p(
-        "GQA", "Dataset: GQA or VQA (VQA v2); case-insensitive.", seed=True
+        "GQA", "Dataset: GQA or VQA (VQA v2); case-insensitive.", guide=True
     )
     root: Path | None = _p(
         None, "Processed data folder written by `isubg data prepare`; unset: the embedded demo dataset."
@@ -129,18 +129,18 @@ class DataConfig(_Section):
     )
     train_split: str = _p("train", "Split trained on.", min_length=1)
     val_split: str = _p("val", "Split validated on after each epoch.", min_length=1)
-    question_len: Int = _p(12, "Maximum question length in tokens.", advice=_range(8, 20), seed=True, ge=1)
+    question_len: Int = _p(12, "Maximum question length in tokens.", advice=_range(8, 20), guide=True, ge=1)
     max_boxes: Int = _p(
         50,
         "Maximum boxes per image (adaptive features have 10-100); extra boxes are dropped.",
         advice=_range(30, 100),
-        seed=True,
+        guide=True,
         ge=1,
     )
     num_stat_word: Int = _p(
-        30, "Number of statistical (image label) words per image.", advice=_range(20, 50), seed=True, ge=1
+        30, "Number of statistical (image label) words per image.", advice=_range(20, 50), guide=True, ge=1
     )
-    tfidf: bool = _p(True, "Concatenate a tf-idf weighted word embedding.", advice=_note("keep true"), seed=True)
+    tfidf: bool = _p(True, "Concatenate a tf-idf weighted word embedding.", advice=_note("keep true"), guide=True)
     scene_graphs: Literal["auto", "gt", "detected"] = _p(
         "auto",
         "Where scene graphs and stat words come from. 'auto': the ground-truth graph where the image has one "
@@ -162,40 +162,40 @@ class DataConfig(_Section):
 class CfrfConfig(_Section):
     """The fine-grained branch: BAN bilinear attention, the Zhang counter and AoA layers."""
 
-    gamma: Int = _p(2, "BAN glimpses.", advice=_range(1, 4), seed=True, ge=1)
+    gamma: Int = _p(2, "BAN glimpses.", advice=_range(1, 4), guide=True, ge=1)
     use_counter: bool = _p(
-        False, "Zhang et al. counting module on the attended boxes.", advice=_note("task-dependent"), seed=True
+        False, "Zhang et al. counting module on the attended boxes.", advice=_note("task-dependent"), guide=True
     )
     counter_act: Literal["zhang", "identity"] = _p(
         "zhang",
         "Counter activation: 'zhang' (learned monotone piecewise-linear maps) or 'identity' (no learned maps).",
         advice=_choices("zhang"),
-        seed=True,
+        guide=True,
     )
-    AOA_layers: Int = _p(6, "Attention-on-attention layers.", advice=_range(4, 8), seed=True, ge=0)
+    AOA_layers: Int = _p(6, "Attention-on-attention layers.", advice=_range(4, 8), guide=True, ge=0)
     aoa_norm: Literal["pre", "post", "none"] = _p(
         "pre",
         "Where the AoA layers normalise: 'pre' (LayerNorm on what each attention reads; the residual streams keep "
         "their scale, so strong boxes stay strong), 'post' (LayerNorm after each residual: every box vector is "
         "rescaled to one size) or 'none' (plain residuals, as the reference).",
     )
-    num_hid: Int = _p(1024, "Joint representation width (any value works).", advice=_range(512, 2048), seed=True, ge=1)
+    num_hid: Int = _p(1024, "Joint representation width (any value works).", advice=_range(512, 2048), guide=True, ge=1)
     activation: Literal["relu", "swish", "gelu", "tanh"] = _p(
-        "swish", "Classifier activation.", advice=_choices("relu", "swish"), seed=True
+        "swish", "Classifier activation.", advice=_choices("relu", "swish"), guide=True
     )
-    dropout: Float = _p(0.45, "Classifier dropout rate.", advice=_range(0.3, 0.6), seed=True, ge=0.0, lt=1.0)
+    dropout: Float = _p(0.45, "Classifier dropout rate.", advice=_range(0.3, 0.6), guide=True, ge=0.0, lt=1.0)
     omega_q: Float = _p(
         0.1,
         "Weight of question-instruction (entity) fusion; 0 switches it off.",
         advice=_range(0.05, 0.2),
-        seed=True,
+        guide=True,
         ge=0.0,
     )
     omega_v: Float = _p(
         0.01,
         "Weight of image-semantics (stat-word/box) fusion; 0 switches it off.",
         advice=_range(0.005, 0.05),
-        seed=True,
+        guide=True,
         ge=0.0,
     )
 
@@ -203,19 +203,19 @@ class CfrfConfig(_Section):
 class IsubgConfig(_Section):
     """The ISubGVQA scene-graph branch: instruction-conditioned GAT layers and a node-subset sampler."""
 
-    general_hidden_dim: Int = _p(300, "Hidden width of the graph branch.", advice=_range(256, 512), seed=True, ge=1)
-    mgat_layers: Int = _p(4, "Graph attention layers (one instruction each).", advice=_range(2, 6), seed=True, ge=1)
+    general_hidden_dim: Int = _p(300, "Hidden width of the graph branch.", advice=_range(256, 512), guide=True, ge=1)
+    mgat_layers: Int = _p(4, "Graph attention layers (one instruction each).", advice=_range(2, 6), guide=True, ge=1)
     sampler_type: Literal["imle", "gumbel"] = _p(
-        "imle", "Node-subset sampler: 'imle' or 'gumbel'.", advice=_choices("imle", "gumbel"), seed=True
+        "imle", "Node-subset sampler: 'imle' or 'gumbel'.", advice=_choices("imle", "gumbel"), guide=True
     )
-    sample_k: Int = _p(2, "Nodes kept per graph (all when a graph has fewer).", advice=_range(1, 5), seed=True, ge=1)
-    nb_samples: Int = _p(1, "Samples drawn per step and averaged.", advice=_range(1, 3), seed=True, ge=1)
-    alpha: Float = _p(1.0, "IMLE target interpolation.", advice=_range(0.5, 2.0), seed=True, gt=0.0)
-    beta: Float = _p(10.0, "IMLE target step size.", advice=_range(5.0, 20.0), seed=True, gt=0.0)
-    tau: Float = _p(1.0, "Sampler noise temperature.", advice=_range(0.5, 2.0), seed=True, gt=0.0)
-    use_instruction: bool = _p(True, "Condition graph layers on question instructions (0/1).", seed=True)
-    use_masking: bool = _p(True, "Apply the sampled node mask (0/1).", seed=True)
-    use_mgat: bool = _p(False, "Masked GAT layers (1) instead of plain GATv2 layers (0).", seed=True)
+    sample_k: Int = _p(2, "Nodes kept per graph (all when a graph has fewer).", advice=_range(1, 5), guide=True, ge=1)
+    nb_samples: Int = _p(1, "Samples drawn per step and averaged.", advice=_range(1, 3), guide=True, ge=1)
+    alpha: Float = _p(1.0, "IMLE target interpolation.", advice=_range(0.5, 2.0), guide=True, gt=0.0)
+    beta: Float = _p(10.0, "IMLE target step size.", advice=_range(5.0, 20.0), guide=True, gt=0.0)
+    tau: Float = _p(1.0, "Sampler noise temperature.", advice=_range(0.5, 2.0), guide=True, gt=0.0)
+    use_instruction: bool = _p(True, "Condition graph layers on question instructions (0/1).", guide=True)
+    use_masking: bool = _p(True, "Apply the sampled node mask (0/1).", guide=True)
+    use_mgat: bool = _p(False, "Masked GAT layers (1) instead of plain GATv2 layers (0).", guide=True)
     share_word_embeddings: bool = _p(
         True,
         "Scene-graph tokens also embed through the question's word table (the mean over the token's words), so "
@@ -227,10 +227,10 @@ class XvlmConfig(_Section):
     """The X-VLM cross-modal transformer branch and where its weights and settings come from."""
 
     checkpoint: Path | None = _p(
-        None, "X-VLM checkpoint to initialise from (seed: --checkpoint); unset: random init.", seed=True
+        None, "X-VLM checkpoint to initialise from (guide: --checkpoint); unset: random init.", guide=True
     )
     xvlm_config: Path | None = _p(
-        None, "X-VLM settings YAML such as configs/VQA_480.yaml (the seed's --config).", seed=True
+        None, "X-VLM settings YAML such as configs/VQA_480.yaml (the guide's --config).", guide=True
     )
     text_encoder: Path | None = _p(
         None, "Local BERT folder (config, vocab, weights) for the text layers; unset: built from the sizes below."
@@ -245,13 +245,20 @@ class XvlmConfig(_Section):
     num_cross_layers: Int = _p(6, "BERT layers with cross-attention to the visual tokens.", ge=1)
     intermediate_size: Int = _p(3072, "Feed-forward width of each transformer layer.", ge=1)
     max_tokens: Int = _p(40, "Maximum question tokens for the X-VLM tokenizer.", ge=1)
-    topk: Int = _p(6, "Top-K: X-VLM candidate answers and stat-word selection.", advice=_range(3, 10), seed=True, ge=1)
+    topk: Int = _p(
+        6,
+        "Top-K of the X-VLM candidate loss (training only): a soft cross-entropy over the K highest-scoring answers "
+        "plus the gold ones, added to the branch's loss.",
+        advice=_range(3, 10),
+        guide=True,
+        ge=1,
+    )
 
 
 class FusionConfig(_Section):
     """Per-answer weighting of the branches' answer distributions."""
 
-    fusion_ratio: Float = _p(0.1, "Weight of the fused-answer loss.", advice=_range(0.05, 0.2), seed=True, ge=0.0)
+    fusion_ratio: Float = _p(0.1, "Weight of the fused-answer loss.", advice=_range(0.05, 0.2), guide=True, ge=0.0)
     holdout: Float = _p(
         0.0,
         "Share of training questions (chosen by a hash of the question id) that the branches never learn from and "
@@ -286,11 +293,11 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """The training run: length, learning rates, micro-batch, seed and where results go."""
 
-    epochs: Int = _p(20, "Training epochs.", advice=_range(10, 50), seed=True, ge=1)
+    epochs: Int = _p(20, "Training epochs.", advice=_range(10, 50), guide=True, ge=1)
     lr: Float = _p(
-        2.8e-4, "Main learning rate (Adamax; every non-X-VLM parameter).", advice=_range(1e-4, 5e-4), seed=True, gt=0.0
+        2.8e-4, "Main learning rate (Adamax; every non-X-VLM parameter).", advice=_range(1e-4, 5e-4), guide=True, gt=0.0
     )
-    xvlm_lr: Float = _p(5e-5, "X-VLM branch learning rate (AdamW).", advice=_range(1e-5, 1e-4), seed=True, gt=0.0)
+    xvlm_lr: Float = _p(5e-5, "X-VLM branch learning rate (AdamW).", advice=_range(1e-5, 1e-4), guide=True, gt=0.0)
     fusion_lr: Float | None = _p(
         None,
         "Learning rate of the per-answer fusion weights (a parameter group of the main Adamax, on its schedule); "
@@ -298,10 +305,10 @@ class TrainConfig(_Section):
         "rate they lag by epochs.",
         gt=0.0,
     )
-    batch_size: Int = _p(32, "Micro-batch size.", advice=_range(16, 64, "by GPU memory"), seed=True, ge=1)
-    update_freq: Int = _p(4, "Optimizer step every N accumulated micro-batches.", advice=_range(2, 8), seed=True, ge=1)
-    seed: Int = _p(1204, "Random seed; the same seed reproduces a run.", seed=True, ge=0)
-    output: Path | None = _p(None, "Run directory; unset: runs/<date>-<time>-<preset>.", seed=True)
+    batch_size: Int = _p(32, "Micro-batch size.", advice=_range(16, 64, "by GPU memory"), guide=True, ge=1)
+    update_freq: Int = _p(4, "Optimizer step every N accumulated micro-batches.", advice=_range(2, 8), guide=True, ge=1)
+    seed: Int = _p(1204, "Random seed; the same seed reproduces a run.", guide=True, ge=0)
+    output: Path | None = _p(None, "Run directory; unset: runs/<date>-<time>-<preset>.", guide=True)
     schedule: Literal["ban", "constant"] = _p(
         "ban",
         "Learning-rate schedule of the main (Adamax) optimizer: BAN warm-up/step decay scaled to epochs, or constant.",
@@ -318,12 +325,12 @@ class TrainConfig(_Section):
 class OptimConfig(_Section):
     """Gradient handling shared by both optimizers."""
 
-    clip_norm: Float = _p(0.25, "Global gradient-norm clip.", advice=_range(0.1, 0.5), seed=True, gt=0.0)
+    clip_norm: Float = _p(0.25, "Global gradient-norm clip.", advice=_range(0.1, 0.5), guide=True, gt=0.0)
     gradient_accumulation_steps: Int = _p(
         1,
         "Micro-batches per update on top of update_freq; dynamic batch sizing may raise it.",
         advice=_range(1, 8),
-        seed=True,
+        guide=True,
         ge=1,
     )
     xvlm_weight_decay: Float = _p(0.01, "AdamW weight decay of the X-VLM branch.", ge=0.0)
@@ -336,16 +343,16 @@ class MemoryConfig(_Section):
         False,
         "Fit the micro-batch to memory, keeping the effective batch.",
         advice=_note("on when memory is short"),
-        seed=True,
+        guide=True,
     )
     max_memory_usage: Float = _p(
-        0.8, "Fraction of device memory the run may use.", advice=_range(0.7, 0.9), seed=True, gt=0.0, le=1.0
+        0.8, "Fraction of device memory the run may use.", advice=_range(0.7, 0.9), guide=True, gt=0.0, le=1.0
     )
     mixed_precision: bool = _p(
-        False, "Autocast: bf16 where supported, else fp16 with a grad scaler.", advice=_note("usually on"), seed=True
+        False, "Autocast: bf16 where supported, else fp16 with a grad scaler.", advice=_note("usually on"), guide=True
     )
     memory_efficient_attention: bool = _p(
-        False, "Memory-efficient attention kernels and chunking.", advice=_note("on when memory is short"), seed=True
+        False, "Memory-efficient attention kernels and chunking.", advice=_note("on when memory is short"), guide=True
     )
 
 
@@ -414,7 +421,7 @@ def config_diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
 
 
 def default_config() -> RunConfig:
-    """The schema defaults: the seed guide's defaults and the `default` preset."""
+    """The schema defaults: the tuning guide's defaults and the `default` preset."""
     return RunConfig()
 
 
@@ -430,7 +437,7 @@ class ParamSpec:
     name: str  # the leaf name, e.g. "AOA_layers"
     section: str  # the dotted section, e.g. "model.cfrf"
     info: FieldInfo
-    seed: bool
+    guide: bool
 
     @property
     def description(self) -> str:
@@ -461,7 +468,7 @@ def _walk(model: type[BaseModel], prefix: str) -> Iterator[ParamSpec]:
             yield from _walk(info.annotation, path)
         else:
             extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            yield ParamSpec(path=path, name=name, section=prefix, info=info, seed=bool(extra.get("seed")))
+            yield ParamSpec(path=path, name=name, section=prefix, info=info, guide=bool(extra.get("guide")))
 
 
 @cache
@@ -471,13 +478,13 @@ def param_specs() -> dict[str, ParamSpec]:
 
 
 @cache
-def seed_params() -> dict[str, str]:
-    """The seed guide's names mapped to their dotted paths (`lr` -> `train.lr`)."""
+def guide_params() -> dict[str, str]:
+    """The tuning guide's names mapped to their dotted paths (`lr` -> `train.lr`)."""
     out: dict[str, str] = {}
     for spec in param_specs().values():
-        if spec.seed:
+        if spec.guide:
             if spec.name in out:  # pragma: no cover - guarded by a test; bare names must be unique
-                raise AssertionError(f"seed name {spec.name} appears twice in the schema")
+                raise AssertionError(f"guide name {spec.name} appears twice in the schema")
             out[spec.name] = spec.path
     return out
 
@@ -581,7 +588,7 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
             rules.extend(
                 (path, f"the {branch} branch is not in model.branches")
                 for path in param_specs()
-                if path.startswith(f"model.{branch}.") and path != "model.xvlm.topk"
+                if path.startswith(f"model.{branch}.")
             )
     for spec in _REGISTRY.values():  # an optimizer of its own acts only when its branch is built
         if spec.name not in branches and spec.optimizer == "adamw":

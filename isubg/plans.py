@@ -7,7 +7,7 @@ A plan is a YAML file (the shipped ones live in `presets/plans/`, a user's is gi
     kind: grid                    # grid | staged | one-at-a-time | search
     points:                       # grid: the configurations, each a mapping of parameters
       - {lr: 2.8e-4, xvlm_lr: 5.0e-5}
-    params: [lr, dropout]         # one-at-a-time / search: parameters, by seed name or dotted path;
+    params: [lr, dropout]         # one-at-a-time / search: parameters, by guide name or dotted path;
     params: {lr: {low: 1e-4, high: 5e-4, log: true}, activation: [relu, swish]}   # ... or with ranges
     values: 3                     # one-at-a-time: values tried per parameter across its range
     steps:                        # staged: groups searched in order, earlier steps' best values fixed
@@ -121,7 +121,7 @@ def dimension(key: str, spec: RangeSpec = None, label: str = "plan") -> Dimensio
     """The search space of parameter `key`: `spec` if given, else the guide's advice for it.
 
     Args:
-        key: a dotted path or seed name (`lr`, `model.cfrf.num_hid`).
+        key: a dotted path or guide name (`lr`, `model.cfrf.num_hid`).
         spec: None (advice range / choices), a list of choices, or {low, high, log}.
 
     Raises:

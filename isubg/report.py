@@ -74,7 +74,8 @@ class RunMetrics:
 
     `steps` holds one record per step and `epochs` one per epoch, both ascending; `start` is the first start
     record updated by later ones (a resumed process may write its own), `end` is None while the run has not
-    finished (or was killed before it could write one). `warnings` are non-fatal reading notes.
+    finished (or was killed before it could write one). `records` is every record as written, in file order,
+    with nothing dropped or merged (unknown events included). `warnings` are non-fatal reading notes.
     """
 
     path: Path
@@ -84,6 +85,7 @@ class RunMetrics:
     end: dict[str, Any] | None = None
     resumes: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -125,7 +127,9 @@ def read_metrics(run_dir: Path | str) -> RunMetrics:
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     metrics = RunMetrics(path=path)
-    _assemble(metrics, _parse_lines(path, raw, metrics.warnings))
+    records = _parse_lines(path, raw, metrics.warnings)
+    metrics.records = [record for _, record in records]
+    _assemble(metrics, records)
     return metrics
 
 

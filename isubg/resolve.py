@@ -1,4 +1,4 @@
-"""Turn a preset, a config file, `--set` overrides and seed-named flags into one validated RunConfig.
+"""Turn a preset, a config file, `--set` overrides and guide-named flags into one validated RunConfig.
 
 This is the only place configuration is assembled. Layers apply in this order, later winning:
 
@@ -24,9 +24,9 @@ from isubg.config import (
     ConfigWarning,
     RunConfig,
     config_warnings,
+    guide_params,
     param_specs,
     section_paths,
-    seed_params,
 )
 from isubg.presets import PresetLayer, preset_layers
 from isubg.yamlio import YamlError, dump_yaml, parse_yaml_value
@@ -53,13 +53,13 @@ class Resolved:
 
 
 # --------------------------------------------------------------------------------------------------
-# Keys: canonical dotted paths, seed-name shortcuts and suggestions for typos
+# Keys: canonical dotted paths, guide-name shortcuts and suggestions for typos
 
 
 def _suggest(key: str) -> str:
-    """' Did you mean ...?' for the closest known key (path, section or seed name), or ''."""
+    """' Did you mean ...?' for the closest known key (path, section or guide name), or ''."""
     candidates = {path: path for path in (*param_specs(), *section_paths())}
-    candidates.update(seed_params())  # a bare seed name suggests its full path
+    candidates.update(guide_params())  # a bare guide name suggests its full path
     lowered = {name.lower(): target for name, target in candidates.items()}
     probes = (key, key.rsplit(".", 1)[-1])
     for probe in probes:  # same name in another case: aoa_layers -> AOA_layers
@@ -73,15 +73,15 @@ def _suggest(key: str) -> str:
 
 
 def _canonical(key: str, label: str) -> str:
-    """Map a user's key (dotted path, section, or bare seed name) to a dotted schema path."""
+    """Map a user's key (dotted path, section, or bare guide name) to a dotted schema path."""
     if key in param_specs() or key in section_paths():
         return key
-    if key in seed_params():
-        return seed_params()[key]
+    if key in guide_params():
+        return guide_params()[key]
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in seed_params() and seed_params()[leaf] != key:
+    if leaf in guide_params() and guide_params()[leaf] != key:
         raise ConfigError(
-            f"{label}: unknown key '{key}'. '{leaf}' lives at '{seed_params()[leaf]}' (or write just '{leaf}')."
+            f"{label}: unknown key '{key}'. '{leaf}' lives at '{guide_params()[leaf]}' (or write just '{leaf}')."
         )
     raise ConfigError(
         f"{label}: unknown key '{key}'.{_suggest(key)} Run `isubg preset show default` to list every parameter."
@@ -89,7 +89,7 @@ def _canonical(key: str, label: str) -> str:
 
 
 def canonical_key(key: str, label: str) -> str:
-    """The dotted path of one leaf parameter named by path or bare seed name (`lr` -> `train.lr`).
+    """The dotted path of one leaf parameter named by path or bare guide name (`lr` -> `train.lr`).
 
     Raises:
         ConfigError: unknown key (with the closest real one), or a section rather than a parameter.
@@ -186,8 +186,8 @@ def resolve_config(
     Args:
         preset: a shipped preset name or a YAML path; None means `default`.
         config_file: a user YAML file layered over the preset (its own `extends` chain first).
-        sets: `a.b=value` overrides (dotted paths or bare seed names such as `lr=3e-4`).
-        flags: seed-named flag values (`{"lr": 3e-4}`); None values mean "not given".
+        sets: `a.b=value` overrides (dotted paths or bare guide names such as `lr=3e-4`).
+        flags: guide-named flag values (`{"lr": 3e-4}`); None values mean "not given".
 
     Returns:
         The validated config, the preset name, its warnings and per-key provenance.
@@ -201,9 +201,9 @@ def resolve_config(
         layers += preset_layers(Path(config_file))
     layers.append(parse_set(sets))
     given = {k: v for k, v in (flags or {}).items() if v is not None}
-    unknown = [k for k in given if k not in seed_params()]
+    unknown = [k for k in given if k not in guide_params()]
     if unknown:
-        raise ConfigError(f"unknown seed parameter(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown guide parameter(s): {', '.join(unknown)}")
     layers += [PresetLayer(f"--{name}", {name: value}) for name, value in given.items()]
 
     flat: dict[str, Any] = {}

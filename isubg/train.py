@@ -28,7 +28,6 @@ Only rank 0 writes files and prints; metrics are reduced across ranks.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import shutil
@@ -59,8 +58,8 @@ from isubg.checkpoint import (
     vocab_checksum,
 )
 from isubg.config import RunConfig
-from isubg.data.dataset import VQADataset, collate
-from isubg.data.order import EpochOrder
+from isubg.data.dataset import VQADataset
+from isubg.data.loaders import make_batches, open_split
 from isubg.device import Precision, peak_memory_mib, pick_device, pick_precision
 from isubg.errors import ConfigError, ResourceError
 from isubg.evaluate import evaluate
@@ -68,7 +67,6 @@ from isubg.memory import WorstCase, estimate, largest_graph
 from isubg.metrics import AccuracyTable, gqa_accuracy, vqa_accuracy
 from isubg.models import build_model, parameter_counts
 from isubg.models.fusion import FusedModel
-from isubg.models.xvlm_config import image_input
 from isubg.resolve import dump_config
 from isubg.runlog import TrainResult, TrainUI
 from isubg.step import Stepper, apply_update, forward_backward, make_optimizers
@@ -166,54 +164,6 @@ def ban_multiplier(step: int, steps_per_epoch: int, epochs: int) -> float:
     if p < 10:
         return 2.0
     return 2.0 * 0.25 ** (math.floor((p - 10) / 2) + 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-
-
-def open_split(cfg: RunConfig, folder: Path, split: str, limit: int | None) -> VQADataset:
-    """One processed split, cut to its first `limit` questions when a limit is set."""
-    d = cfg.data
-    image_root, image_res = image_input(cfg)  # pixels only when the xvlm branch encodes images
-    dataset = VQADataset(
-        folder,
-        split,
-        question_len=d.question_len,
-        max_boxes=d.max_boxes,
-        num_stat_word=d.num_stat_word,
-        features=d.features,
-        in_memory=d.in_memory,
-        image_root=image_root,
-        image_res=image_res,
-        scene_graphs=d.scene_graphs,
-    )
-    if limit is not None:
-        dataset.records = dataset.records[:limit]
-    return dataset
-
-
-def make_batches(
-    dataset: VQADataset, cfg: RunConfig, procs: Processes, *, epoch: int, train: bool, skip: int = 0
-) -> DataLoader:
-    """The epoch's batches on this rank, after `skip` samples already trained on."""
-    batch_size = cfg.train.batch_size if train else (cfg.eval.batch_size or 2 * cfg.train.batch_size)
-    order = EpochOrder(
-        len(dataset), seed=cfg.train.seed, epoch=epoch, shuffle=train, rank=procs.rank, world=procs.world,
-        pad=train, skip=skip,
-    )  # fmt: skip
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=order,
-        num_workers=cfg.data.num_workers,
-        collate_fn=partial(collate, num_answers=dataset.num_answers),
-        # A private generator: the loader's worker seeding must not draw from the global RNG, or a run resumed
-        # mid-epoch would see different dropout and sampler noise than the uninterrupted run.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,7 +420,7 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
 
 def validate(t: Trainer, val_set: VQADataset) -> dict[str, float]:
     """Validation accuracy per branch, fused, ens and bound, over every validation question (all ranks)."""
-    loader = make_batches(val_set, t.cfg, t.procs, epoch=0, train=False)
+    loader = make_batches(val_set, t.cfg, rank=t.procs.rank, world=t.procs.world, epoch=0, train=False)
     result = evaluate(t.model, loader, val_set, device=t.device, autocast=partial(t.precision.autocast, t.device))
     table = result.table
     assert table is not None
@@ -588,7 +538,9 @@ def _run_epochs(
     with stop.catching():
         while prog.epoch < cfg.train.epochs:
             skip = prog.batch * cfg.train.batch_size
-            loader = make_batches(train_set, cfg, t.procs, epoch=prog.epoch, train=True, skip=skip)
+            loader = make_batches(
+                train_set, cfg, rank=t.procs.rank, world=t.procs.world, epoch=prog.epoch, train=True, skip=skip
+            )
             ui.begin_epoch(prog.epoch, prog.batch, prog.batch + len(loader))
             outcome = train_epoch(t, loader, ui, stop, stop_after)
             prog.elapsed_s = time.perf_counter() - started
@@ -656,9 +608,3 @@ def majority_baseline(train_set: VQADataset, val_set: VQADataset) -> float | Non
     else:
         scores = [gqa_accuracy(answer, r["answer"]) for r in val_set.records]
     return sum(scores) / len(scores)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (for tests and quick looks; `isubg report` parses it fully)."""
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]

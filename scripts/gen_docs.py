@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from isubg.reference import render_reference
+from isubg.paramdocs import render_hyperparameters
 
 TARGET = Path(__file__).resolve().parent.parent / "docs" / "hyperparameters.md"
 
@@ -19,7 +19,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only report whether the file is up to date")
     args = parser.parse_args()
-    text = render_reference()
+    text = render_hyperparameters()
     current = TARGET.read_text(encoding="utf-8") if TARGET.exists() else ""
     if args.check:
         if current != text:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from isubg import __version__
 from isubg.cli import app
-from isubg.config import seed_params
+from isubg.config import guide_params
 from isubg.presets import list_presets
 from isubg.resolve import resolve_config
 
@@ -60,22 +60,22 @@ def test_show_8gb_table(runner: CliRunner) -> None:
     assert "effective batch 256" in out
     for heading in ("data", "model.cfrf", "model.isubg", "model.xvlm", "train", "optim", "memory"):
         assert heading in out
-    for name in seed_params():
+    for name in guide_params():
         assert name in out, name
     # Readable without colour: the changed marker is a character on the row.
     assert any(line.lstrip("│ ").startswith("*") and "batch_size" in line for line in out.splitlines())
 
 
-def test_show_json_holds_every_seed_parameter_and_the_effective_batch(runner: CliRunner) -> None:
+def test_show_json_holds_every_guide_parameter_and_the_effective_batch(runner: CliRunner) -> None:
     result = runner.invoke(app, ["preset", "show", "8gb", "--json"])
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["effective_batch"] == 256
-    assert set(data["seed_parameters"]) == set(seed_params())
-    assert data["seed_parameters"]["batch_size"] == 16
-    assert data["seed_parameters"]["mixed_precision"] is True
+    assert set(data["guide_parameters"]) == set(guide_params())
+    assert data["guide_parameters"]["batch_size"] == 16
+    assert data["guide_parameters"]["mixed_precision"] is True
     param = data["parameters"]["train.batch_size"]
-    assert param == param | {"value": 16, "default": 32, "changed": True, "seed_name": "batch_size"}
+    assert param == param | {"value": 16, "default": 32, "changed": True, "guide_name": "batch_size"}
     assert param["source"] == "preset 8gb (8gb.yaml)"
     assert data["config"]["train"]["batch_size"] == 16
 
@@ -83,7 +83,7 @@ def test_show_json_holds_every_seed_parameter_and_the_effective_batch(runner: Cl
 def test_show_with_overrides_and_warnings(runner: CliRunner) -> None:
     result = runner.invoke(app, ["preset", "show", "default", "--set", "lr=1e-3", "--num_hid", "256", "--json"])
     data = json.loads(result.stdout)
-    assert data["seed_parameters"]["lr"] == 1e-3 and data["seed_parameters"]["num_hid"] == 256
+    assert data["guide_parameters"]["lr"] == 1e-3 and data["guide_parameters"]["num_hid"] == 256
     assert {w["path"] for w in data["warnings"]} == {"train.lr", "model.cfrf.num_hid"}
     text = runner.invoke(app, ["preset", "show", "default", "--set", "lr=1e-3"])
     assert text.exit_code == 0
@@ -199,19 +199,19 @@ def test_bad_config_in_a_real_process_has_no_traceback(write_yaml: WriteYaml) ->
     assert "Traceback" not in result.stderr and "model.cfrf.dropout = 1.0" in result.stderr
 
 
-def test_seed_flags_reach_their_parameters(runner: CliRunner) -> None:
+def test_guide_flags_reach_their_parameters(runner: CliRunner) -> None:
     args = ["--lr", "1e-4", "--batch_size", "8", "--AOA-layers", "5", "--sampler_type", "gumbel"]
     args += ["--mixed_precision", "--no-tfidf", "--use_mgat", "--no-use-instruction", "--dataset", "vqa"]
     result = runner.invoke(app, ["preset", "show", "default", *args, "--json"])
     assert result.exit_code == 0, result.output
-    seed = json.loads(result.stdout)["seed_parameters"]
-    assert seed | {
+    guide = json.loads(result.stdout)["guide_parameters"]
+    assert guide | {
         "lr": 1e-4, "batch_size": 8, "AOA_layers": 5, "sampler_type": "gumbel", "mixed_precision": True,
         "tfidf": False, "use_mgat": True, "use_instruction": False, "dataset": "VQA",
-    } == seed  # fmt: skip
+    } == guide  # fmt: skip
 
 
-def test_every_seed_parameter_has_a_flag(runner: CliRunner) -> None:
+def test_every_guide_parameter_has_a_flag(runner: CliRunner) -> None:
     result = runner.invoke(app, ["preset", "show", "--help"], env={"COLUMNS": "200"})
-    for name in seed_params():
+    for name in guide_params():
         assert f"--{name.replace('_', '-')}" in result.output, name

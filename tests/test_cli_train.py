@@ -49,7 +49,7 @@ def test_train_prints_banner_epochs_and_summary(trained: Path) -> None:
     assert start["event"] == "start" and start["inputs"] == inputs and start["scene_graphs"] == "auto"
 
 
-def test_seed_flags_reach_the_config(tiny_demo: Path, tmp_path: Path) -> None:
+def test_guide_flags_reach_the_config(tiny_demo: Path, tmp_path: Path) -> None:
     result = train_cli("--preset", "demo", "--data", str(tiny_demo), *sets(*FAST), "--lr", "5e-4", "--batch-size",
                        "4", "--max-steps", "1", "--output", str(tmp_path / "r"))  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -77,6 +77,8 @@ def test_no_arguments_means_the_demo_preset_on_the_cached_demo(
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.endswith("-demo")
     assert "(demo)" in (run_dir / "config.yaml").read_text().splitlines()[0]
+    start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["data"] == str(demo_dir("tiny") / "processed" / "gqa")  # data.demo_size picked the tiny demo
 
 
 def test_bad_data_folder_is_a_clear_error(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from isubg.config import (
     format_advice,
     format_value,
     get_value,
+    guide_params,
     param_specs,
-    seed_params,
 )
 
 
@@ -83,8 +83,8 @@ def test_assignment_is_validated() -> None:
         cfg.train.batch_size = 0
 
 
-def test_seed_names_are_unique_and_point_at_leaves() -> None:
-    names = seed_params()
+def test_guide_names_are_unique_and_point_at_leaves() -> None:
+    names = guide_params()
     assert len(names) == len(set(names.values()))
     for name, path in names.items():
         assert path.rsplit(".", 1)[-1] == name
@@ -126,6 +126,7 @@ def test_choice_advice_warns_for_legal_but_unadvised_values() -> None:
         ({"model": {"isubg": {"sampler_type": "gumbel", "alpha": 1.5}}}, "model.isubg.alpha"),
         ({"model": {"branches": ["cfrf", "isubg"]}, "train": {"xvlm_lr": 7e-5}}, "train.xvlm_lr"),
         ({"model": {"branches": ["cfrf", "xvlm"], "isubg": {"mgat_layers": 6}}}, "model.isubg.mgat_layers"),
+        ({"model": {"branches": ["cfrf", "isubg"], "xvlm": {"topk": 3}}}, "model.xvlm.topk"),
         ({"model": {"branches": ["isubg"], "fusion": {"fusion_ratio": 0.2}}}, "model.fusion.fusion_ratio"),
         ({"model": {"branches": ["isubg"], "fusion": {"holdout": 0.1}}}, "model.fusion.holdout"),
         ({"model": {"fusion": {"holdout": 0.1, "fusion_ratio": 0.0}}}, "model.fusion.holdout"),

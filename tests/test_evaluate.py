@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from isubg.batch import Batch
-from isubg.data.dataset import VQADataset, make_loader
+from isubg.data.dataset import VQADataset
 from isubg.data.embedded import build_demo
+from isubg.data.loaders import make_batches
 from isubg.errors import ConfigError, DataError
 from isubg.evaluate import EvalResult, evaluate, write_explanations, write_predictions
 from isubg.metrics import gqa_accuracy, vqa_accuracy
@@ -52,7 +53,9 @@ def _dataset(demo: Path, kind: str, split: str = "val") -> VQADataset:
 
 
 def _loader(data: VQADataset) -> Any:
-    return make_loader(data, 8, shuffle=False, seed=0)
+    """The split in order, 8 questions a batch, as `isubg eval` batches it."""
+    cfg = resolve_config("demo", sets=[*TINY, "eval.batch_size=8", "data.num_workers=0"]).config
+    return make_batches(data, cfg, epoch=0, train=False)
 
 
 @pytest.fixture(scope="module", params=["gqa", "vqa"])

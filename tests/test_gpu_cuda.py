@@ -32,7 +32,7 @@ def test_mixed_precision_picks_bf16_on_a_bf16_gpu() -> None:
 def test_training_on_cuda_with_autocast_finishes_and_loads_on_cpu(gqa: Path, tmp_path: Path) -> None:
     result = run(config("epochs=2", "mixed_precision=true", "train.device=cuda"), tmp_path / "run", gqa)
     assert result.status == "finished"
-    start = read_metrics(tmp_path / "run")[0]
+    start = read_metrics(tmp_path / "run").records[0]
     assert start["device"].startswith("cuda") and start["precision"] in ("bf16", "fp16")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", map_location="cpu")
     assert all(v.device.type == "cpu" for v in state["model"].values())

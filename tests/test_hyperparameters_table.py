@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from isubg.config import ConfigError, param_specs, seed_params
+from isubg.config import ConfigError, guide_params, param_specs
 from isubg.resolve import resolve_config
 
 TABLE = Path(__file__).parent / "data" / "HYPERPARAMETERS.md"
@@ -32,7 +32,7 @@ ROWS = _rows()
 
 def _value(name: str, sets: tuple[str, ...] = ()) -> Any:
     node: Any = resolve_config("default", sets=sets).config
-    for part in seed_params()[name].split("."):
+    for part in guide_params()[name].split("."):
         node = getattr(node, part)
     return node
 
@@ -64,8 +64,8 @@ def test_the_table_has_all_38_rows() -> None:
 @pytest.mark.parametrize("row", ROWS, ids=[r["name"] for r in ROWS])
 def test_row_is_in_the_schema_with_its_default_and_type(row: dict[str, str]) -> None:
     name = row["name"]
-    assert name in seed_params(), f"{name} is missing from the schema"
-    spec = param_specs()[seed_params()[name]]
+    assert name in guide_params(), f"{name} is missing from the schema"
+    spec = param_specs()[guide_params()[name]]
     default = _parse(row["default"])
     if row["type"] == "0/1":
         assert spec.info.annotation is bool
@@ -79,7 +79,7 @@ def test_row_is_in_the_schema_with_its_default_and_type(row: dict[str, str]) -> 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r["name"] for r in ROWS])
 def test_row_advice_matches(row: dict[str, str]) -> None:
-    advice = param_specs()[seed_params()[row["name"]]].advice or {}
+    advice = param_specs()[guide_params()[row["name"]]].advice or {}
     text = row["advice"]
     numeric = re.match(r"^([0-9.e-]+)\s*\.\.\s*([0-9.e-]+)|^([0-9.]+)-([0-9.]+)", text)
     if numeric:
@@ -149,6 +149,6 @@ def test_preset_has_the_guide_values(preset: str) -> None:
         name, _, raw = item.strip().partition(" ")
         expected = _parse(raw) if raw else True
         node: Any = cfg
-        for part in seed_params()[name].split("."):
+        for part in guide_params()[name].split("."):
             node = getattr(node, part)
         assert node == expected, f"{preset}: {name} is {node}, the guide says {expected}"

@@ -258,6 +258,8 @@ def test_structural_settings_change_the_parameters(setting: str, a: Any, b: Any)
         ("use_counter", False, True),
         ("counter_act", "identity", "zhang"),
         ("AOA_layers", 0, 1),
+        ("aoa_norm", "pre", "post"),
+        ("aoa_norm", "pre", "none"),
         ("tfidf", False, True),
     ],
 )

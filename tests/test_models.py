@@ -82,7 +82,7 @@ def _differs(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return not torch.allclose(a["loss"], b["loss"], atol=1e-7) or not torch.allclose(a["grad"], b["grad"], rtol=1e-6)
 
 
-# (seed name, base value, changed value): every model and data hyperparameter the tuning guide defines.
+# (guide name, base value, changed value): every model and data hyperparameter the tuning guide defines.
 EFFECTS = [
     ("gamma", 2, 3), ("use_counter", False, True), ("AOA_layers", 1, 2), ("num_hid", 64, 48),
     ("activation", "swish", "relu"), ("dropout", 0.2, 0.5), ("omega_q", 0.1, 0.2), ("omega_v", 0.01, 0.05),

@@ -10,11 +10,13 @@ import pytest
 import torch
 from datafiles import write_adaptive_h5
 
-from isubg.data.dataset import VQADataset, collate, make_loader
+from isubg.data.dataset import VQADataset, collate
 from isubg.data.inspect import inspect_processed
+from isubg.data.loaders import make_batches
 from isubg.data.prepare import SplitFiles, discover_splits, prepare, read_manifest
 from isubg.data.text import Dictionary
 from isubg.errors import DataError
+from isubg.resolve import resolve_config
 
 GRAPHS = {
     "101": {
@@ -136,7 +138,8 @@ def test_loader_order_depends_only_on_seed_and_epoch(gqa: Path) -> None:
     data = VQADataset(gqa, "train", question_len=6, max_boxes=20, num_stat_word=4)
 
     def order(seed: int, epoch: int) -> list[str]:
-        loader = make_loader(data, 1, shuffle=True, seed=seed, epoch=epoch)
+        cfg = resolve_config("default", sets=[f"train.seed={seed}", "batch_size=1", "data.num_workers=0"]).config
+        loader = make_batches(data, cfg, epoch=epoch, train=True)
         return [qid for batch in loader for qid in batch.question_ids]
 
     assert order(1, 0) == order(1, 0)

@@ -4,7 +4,7 @@ that input is shuffled across the batch (isubg.ablation). A branch that learned 
 The set is the small demo's colour questions ("What color is the large ball?"): five answers, so question
 priors stay near 20-30%, while the answer is in the boxes (cfrf, xvlm) and in the scene graph (isubg).
 Margins and budgets come from measurement (benchmarks/bench_quality.py): at these budgets the trained
-branches reach 75-100%, and shuffling their input brings them back to the prior. The cfrf check runs the seed's
+branches reach 75-100%, and shuffling their input brings them back to the prior. The cfrf check runs the guide's
 six AoA layers: with a LayerNorm after each residual (`aoa_norm: post`, the former default) the branch
 stayed at the prior (21% after 30 epochs against 99% with `pre`), and this test failed.
 """
@@ -22,9 +22,10 @@ from isubg.ablation import ablated
 from isubg.checkpoint import load_checkpoint, vocab_checksum
 from isubg.config import RunConfig
 from isubg.data.embedded import build_demo
+from isubg.data.loaders import make_batches, open_split
 from isubg.evaluate import evaluate, load_trained
 from isubg.resolve import resolve_config
-from isubg.train import Processes, make_batches, open_split, train
+from isubg.train import train
 
 MARGIN = 0.25  # accuracy the shuffled input must cost, at least
 ABOVE_PRIOR = 0.30  # how far above the majority answer the trained branch must be
@@ -49,7 +50,7 @@ def _accuracy(folder: Path, run: Path, kind: str | None) -> float:
     cfg = RunConfig.model_validate(state["config"])
     val = open_split(cfg, folder, "val", None)
     model = load_trained(state, val.spec(), vocab_checksum(folder), run)
-    batches = ablated(make_batches(val, cfg, Processes(), epoch=0, train=False), kind)
+    batches = ablated(make_batches(val, cfg, epoch=0, train=False), kind)
     result = evaluate(model, batches, val, device="cpu")
     assert result.accuracy is not None
     return result.accuracy[result.primary]

@@ -48,7 +48,7 @@ def test_set_with_empty_value_unsets_an_optional_setting(write_yaml: WriteYaml) 
     assert resolve_config(config_file=f, sets=["checkpoint="]).config.model.xvlm.checkpoint is None
 
 
-def test_bare_seed_names_work_at_the_top_of_a_file(write_yaml: WriteYaml) -> None:
+def test_bare_guide_names_work_at_the_top_of_a_file(write_yaml: WriteYaml) -> None:
     f = write_yaml("flat.yaml", "lr: 3.0e-4\nAOA_layers: 8\nmixed_precision: yes\n")
     cfg = resolve_config(config_file=f).config
     assert (cfg.train.lr, cfg.model.cfrf.AOA_layers, cfg.memory.mixed_precision) == (3e-4, 8, True)
@@ -177,7 +177,7 @@ def test_parse_set_rejects_items_without_equals() -> None:
 
 
 def test_unknown_flag_name_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="unknown seed parameter"):
+    with pytest.raises(ConfigError, match="unknown guide parameter"):
         resolve_config(flags={"learning_rate": 1e-4})
 
 

@@ -16,18 +16,13 @@ from rich.console import Console
 from isubg.checkpoint import load_checkpoint
 from isubg.config import RunConfig
 from isubg.data.dataset import collate
+from isubg.data.loaders import open_split
 from isubg.device import Precision
 from isubg.models.fusion import FusedModel
+from isubg.report import read_metrics
 from isubg.resolve import resolve_config
 from isubg.step import apply_update, forward_backward
-from isubg.train import (
-    Processes,
-    ban_multiplier,
-    make_trainer,
-    open_split,
-    read_metrics,
-    train,
-)
+from isubg.train import Processes, ban_multiplier, make_trainer, train
 
 TINY = [
     "model.xvlm.hidden_size=32", "model.xvlm.num_heads=2", "model.xvlm.intermediate_size=64",
@@ -65,13 +60,13 @@ def test_run_directory_holds_config_metrics_log_summary_and_checkpoints(gqa: Pat
     for name in ("config.yaml", "metrics.jsonl", "train.log", "summary.json", "checkpoints/last.pt"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "checkpoints" / "best.pt").is_file()
-    events = [r["event"] for r in read_metrics(run_dir)]
+    events = [r["event"] for r in read_metrics(run_dir).records]
     assert events[0] == "start" and events[-1] == "end"
     assert events.count("epoch") == 2 and events.count("step") == 12
-    epoch = next(r for r in read_metrics(run_dir) if r["event"] == "epoch")
+    epoch = next(r for r in read_metrics(run_dir).records if r["event"] == "epoch")
     assert set(epoch["val_acc"]) == {"cfrf", "isubg", "xvlm", "fused", "ens", "bound"}
     assert epoch["peak_memory_mib"] > 0 and epoch["samples_per_s"] > 0
-    step = next(r for r in read_metrics(run_dir) if r["event"] == "step")
+    step = next(r for r in read_metrics(run_dir).records if r["event"] == "step")
     assert {"loss", "lr", "xvlm_lr", "samples_per_s", "memory_mib", "grad_norm"} <= set(step)
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     saved = resolve_config("default", config_file=run_dir / "config.yaml").config
@@ -136,7 +131,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(gqa: Path, tmp_p
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["optimizers"]["main"]["state"]
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["optimizers"]["main"]["state"]
     assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
-    events = [r["event"] for r in read_metrics(tmp_path / "split")]
+    events = [r["event"] for r in read_metrics(tmp_path / "split").records]
     assert "resume" in events and events[-1] == "end"
 
 
@@ -164,14 +159,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert read_metrics(tmp_path / "run")[-1]["status"] == "diverged"
+    assert read_metrics(tmp_path / "run").records[-1]["status"] == "diverged"
 
 
 def test_patience_stops_when_validation_accuracy_stops_improving(gqa: Path, tmp_path: Path) -> None:
     # A learning rate too small to move a prediction: accuracy never improves after epoch 1.
     result = run(config("epochs=6", "train.patience=2", "lr=1e-12", "xvlm_lr=1e-12"), tmp_path / "run", gqa)
     assert result.status == "early_stopped" and result.best_epoch == 1
-    assert [r["epoch"] for r in read_metrics(tmp_path / "run") if r["event"] == "epoch"] == [1, 2, 3]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run").records if r["event"] == "epoch"] == [1, 2, 3]
 
 
 def test_accumulated_micro_batches_give_the_big_batch_gradient(gqa: Path) -> None:
@@ -200,9 +195,9 @@ def test_bf16_autocast_path_trains_on_cpu(gqa: Path, tmp_path: Path, monkeypatch
     monkeypatch.setattr(train_module, "pick_precision", lambda device, mixed: forced)
     result = run(config("data.train_limit=16", "mixed_precision=true"), tmp_path / "run", gqa)
     assert result.status == "finished"
-    start = read_metrics(tmp_path / "run")[0]
+    start = read_metrics(tmp_path / "run").records[0]
     assert start["precision"] == "bf16"
-    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if r["event"] == "step")
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run").records if r["event"] == "step")
 
 
 def test_ban_schedule_equals_the_reference_at_twenty_epochs() -> None:
@@ -241,7 +236,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_every_update(
     saved = RunConfig.model_validate(state["config"])
     assert saved.train.batch_size == 4 and saved.optim.gradient_accumulation_steps == 2
     assert saved.effective_batch == cfg.effective_batch
-    events = read_metrics(tmp_path / "run")
+    events = read_metrics(tmp_path / "run").records
     oom = next(r for r in events if r["event"] == "oom")
     assert oom["batch_size"] == 4 and oom["step"] == 0
     assert cfg.train.batch_size == 8, "the caller's config is not changed"

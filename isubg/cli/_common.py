@@ -11,12 +11,12 @@ from typing import Annotated, Any, get_args
 
 import typer
 
-from isubg.config import param_specs, seed_params
+from isubg.config import guide_params, param_specs
 from isubg.console import print_error
 from isubg.errors import IsubgError
 from isubg.yamlio import YamlError, parse_yaml_value
 
-__all__ = ["ConfigOpt", "JsonOpt", "SetOpt", "seed_flags", "user_errors"]
+__all__ = ["ConfigOpt", "JsonOpt", "SetOpt", "guide_flags", "user_errors"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 SetOpt = Annotated[
@@ -25,7 +25,7 @@ SetOpt = Annotated[
         "--set",
         "-s",
         metavar="KEY=VALUE",
-        help="Override one setting (repeatable): a dotted path or a seed name, "
+        help="Override one setting (repeatable): a dotted path or a guide name, "
         "e.g. --set train.lr=3e-4 --set AOA_layers=4.",
     ),
 ]
@@ -46,11 +46,11 @@ def user_errors() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# One CLI flag per seed parameter, named as in the tuning guide
+# One CLI flag per guide parameter, named as in the tuning guide
 
 
-_FLAG_PREFIX = "seedflag_"
-_PANEL = "Hyperparameters (seed names)"
+_FLAG_PREFIX = "guideflag_"
+_PANEL = "Hyperparameters (guide names)"
 
 
 def _flag_parameter(name: str, path: str) -> inspect.Parameter:
@@ -76,19 +76,19 @@ def _flag_parameter(name: str, path: str) -> inspect.Parameter:
     )
 
 
-def seed_flags(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command one option per seed parameter (`--lr`, `--AOA_layers`, `--mixed-precision`, ...).
+def guide_flags(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command one option per guide parameter (`--lr`, `--AOA_layers`, `--mixed-precision`, ...).
 
     The decorated function must take a `flags: dict[str, Any]` keyword; it receives the flags the
-    user gave, keyed by seed name, ready for `resolve_config(flags=...)`.
+    user gave, keyed by guide name, ready for `resolve_config(flags=...)`.
     """
     signature = inspect.signature(func, eval_str=True)
     kept = [p for p in signature.parameters.values() if p.name != "flags"]
     taken = {decl for p in kept for decl in _option_names(p)}
-    # A command's own option wins over a seed flag of the same name (export's --output is a file).
+    # A command's own option wins over a guide flag of the same name (export's --output is a file).
     added = [
         _flag_parameter(name, path)
-        for name, path in seed_params().items()
+        for name, path in guide_params().items()
         if not {f"--{name}", f"--{name.replace('_', '-')}"} & taken
     ]
 

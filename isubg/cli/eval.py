@@ -98,9 +98,9 @@ def _run(
     from isubg.checkpoint import find_checkpoint, load_checkpoint, vocab_checksum
     from isubg.cli.train import resolve_data_dir
     from isubg.config import RunConfig
+    from isubg.data.loaders import make_batches, open_split
     from isubg.device import pick_device
     from isubg.evaluate import evaluate, load_trained, write_explanations, write_predictions
-    from isubg.train import Processes, make_batches, open_split
 
     if scene_graphs not in (None, "auto", "gt", "detected"):
         raise ConfigError(f"--scene-graphs must be auto, gt or detected, got {scene_graphs!r}")
@@ -123,7 +123,7 @@ def _run(
     dataset = open_split(cfg, data_dir, split or cfg.eval.split, None)
     device = pick_device(device_name)
     model = load_trained(state, dataset.spec(), vocab_checksum(data_dir), file, device)
-    loader = make_batches(dataset, cfg, Processes(), epoch=0, train=False)
+    loader = make_batches(dataset, cfg, epoch=0, train=False)
     console = err_console()
     with console.status(f"evaluating {len(dataset)} questions of {dataset.split}"):
         batches = ablated(loader, ablate)

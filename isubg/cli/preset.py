@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from isubg import __version__
-from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, seed_flags, user_errors
+from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, guide_flags, user_errors
 from isubg.config import (
     ConfigError,
     RunConfig,
@@ -110,7 +110,7 @@ def _show_json(resolved: Resolved, name: str) -> dict[str, Any]:
             "advice": format_advice(spec.advice) or None,
             "allowed": spec.allowed(),
             "description": spec.description,
-            "seed_name": spec.name if spec.seed else None,
+            "guide_name": spec.name if spec.guide else None,
             "section": spec.section,
             "warning": path in warned,
             "source": resolved.sources.get(path, "default"),
@@ -119,7 +119,7 @@ def _show_json(resolved: Resolved, name: str) -> dict[str, Any]:
         "preset": name,
         "purpose": preset_purpose(name),
         "effective_batch": cfg.effective_batch,
-        "seed_parameters": {s.name: _json_value(dumped, p) for p, s in param_specs().items() if s.seed},
+        "guide_parameters": {s.name: _json_value(dumped, p) for p, s in param_specs().items() if s.guide},
         "parameters": params,
         "warnings": [{"path": w.path, "message": w.message} for w in resolved.warnings],
         "config": dumped,
@@ -160,7 +160,7 @@ def _section_tables(resolved: Resolved, changed_only: bool) -> list[Table]:
 
 
 @app.command()
-@seed_flags
+@guide_flags
 def show(
     name: NameArg = "default",
     config: ConfigOpt = None,
@@ -172,7 +172,7 @@ def show(
 ) -> None:
     """Show every parameter of a preset: value, default, changed marker, advice, description, warnings.
 
-    Overrides (--config, --set, seed flags such as --lr) show what a run with them would use.
+    Overrides (--config, --set, guide flags such as --lr) show what a run with them would use.
     """
     with user_errors():
         resolved = resolve_config(name, config_file=config, sets=set_ or [], flags=flags)
@@ -231,7 +231,7 @@ def diff(a: NameArg, b: NameArg, json_output: JsonOpt = False) -> None:
 
 
 @app.command()
-@seed_flags
+@guide_flags
 def export(
     name: NameArg,
     output: Annotated[
@@ -245,7 +245,7 @@ def export(
 ) -> None:
     """Write the fully resolved config of a preset (plus overrides) as YAML that `--config` accepts.
 
-    Seed flags make this a converter from a research-code command line to a config file:
+    Guide flags make this a converter from a research-code command line to a config file:
     `isubg preset export default --lr 3e-4 --AOA_layers 8 --mixed_precision -o run.yaml`.
     """
     with user_errors():

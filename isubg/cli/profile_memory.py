@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, seed_flags, user_errors
+from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, guide_flags, user_errors
 from isubg.console import out_console, print_json, print_warnings
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def _plot(est: MemoryEstimate, device_bytes: int | None, path: Path) -> None:
     save_png(fig, path)
 
 
-@seed_flags
+@guide_flags
 def profile_memory(
     preset: PresetOpt = "default",
     config: ConfigOpt = None,

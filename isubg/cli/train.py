@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, seed_flags, user_errors
+from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, guide_flags, user_errors
 from isubg.console import err_console, print_json, print_warnings
 from isubg.errors import ConfigError, DataError
 
@@ -74,7 +74,7 @@ def _shared(value: Any) -> Any:
     return box[0]
 
 
-@seed_flags
+@guide_flags
 def train(
     preset: PresetOpt = None,
     config: ConfigOpt = None,

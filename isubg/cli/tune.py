@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, seed_flags, user_errors
+from isubg.cli._common import ConfigOpt, JsonOpt, SetOpt, guide_flags, user_errors
 from isubg.console import err_console, out_console, print_json, print_warnings
 from isubg.errors import ConfigError
 
@@ -54,7 +54,7 @@ def plans() -> None:
 
 
 @app.command("run")
-@seed_flags
+@guide_flags
 def run(
     plan: Annotated[
         str | None,

@@ -4,7 +4,7 @@
 `Sample` of numpy arrays and one PyG graph; `collate` pads them into the `Batch` contract with masks.
 Its `scene_graphs` mode (data.scene_graphs) picks per image between the folder's ground-truth and detector
 graphs and stat words (isubg.data.prepare.graph_sources); `graph_sources` says which were used.
-`make_loader` builds a DataLoader whose order depends only on the seed and the epoch.
+`isubg.data.loaders` opens a split as the config says and turns it into an epoch's batches.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torch_geometric.data import Batch as GraphBatch
 from torch_geometric.data import Data
 
@@ -30,7 +30,7 @@ from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
 from isubg.data.text import PAD, Dictionary, tokenize
 from isubg.errors import DataError
 
-__all__ = ["Sample", "VQADataset", "collate", "graph_token_words", "make_loader"]
+__all__ = ["Sample", "VQADataset", "collate", "graph_token_words"]
 
 MAX_ATTRIBUTES = 3  # attribute slots per scene-graph node
 
@@ -280,38 +280,4 @@ def collate(samples: Sequence[Sample], num_answers: int) -> Batch:
         targets=targets,
         question_types=[s.qtype for s in samples],
         images=images,
-    )
-
-
-class _Collate:
-    # A class, not a lambda, so DataLoader workers started with "spawn" can pickle it.
-    def __init__(self, num_answers: int) -> None:
-        self.num_answers = num_answers
-
-    def __call__(self, samples: Sequence[Sample]) -> Batch:
-        return collate(samples, self.num_answers)
-
-
-def make_loader(
-    dataset: VQADataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int,
-    epoch: int = 0,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader[Batch]:
-    """A DataLoader whose sample order depends only on (seed, epoch): the same pair gives the same batches."""
-    generator = torch.Generator()
-    generator.manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=num_workers,
-        collate_fn=_Collate(dataset.num_answers),
-        pin_memory=pin_memory,
-        persistent_workers=False,
     )

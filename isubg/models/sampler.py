@@ -9,7 +9,7 @@ graphs with fewer than k (even 0) nodes. Here the top-k is a sort by (graph, sco
 Samplers (what the reference's samplers do: docs/deviations.md#reference-samplers):
 
 - "imle" (implicit maximum-likelihood estimation, perturb-and-MAP). Training forward:
-  z = topk(theta + tau * eps) with Sum-of-Gamma noise eps (the seed document's choice; the reference
+  z = topk(theta + tau * eps) with Sum-of-Gamma noise eps (the tuning guide's choice; the reference
   defined it but used Gumbel(0, 0.3)). Backward: the target scores theta' = alpha * theta - beta * dL/dz
   and the gradient dL/dtheta = z - topk(theta' + tau * eps) with the SAME noise (not divided by beta,
   as in the reference).

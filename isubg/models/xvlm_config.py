@@ -72,7 +72,7 @@ _NOT_APPLIED = {
     "use_roberta": "the text layers are BERT; a RoBERTa text_config only gives sizes",
     "num_dec_layers": "the answer decoder is replaced by a classification head over the full answer list",
     "k_test": "the classification head scores every answer, so there is no test-time top-k ranking; "
-    "model.xvlm.topk (training candidates and stat words) is set on its own",
+    "model.xvlm.topk (the training candidate loss) is set on its own",
     "batch_size_train": "set train.batch_size",
     "batch_size_test": "set eval.batch_size",
     "optimizer": "set train.xvlm_lr and optim.xvlm_weight_decay",
