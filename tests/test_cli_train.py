@@ -145,6 +145,7 @@ def test_eval_refuses_a_non_checkpoint_file(tmp_path: Path) -> None:
 # presets on the demo data (the presets that crashed the reference included)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "dataset"), [("high-performance", "GQA"), ("gqa", "GQA"), ("vqa", "VQA")], ids=str)
 def test_full_size_presets_train_an_epoch_on_a_demo_subset(
     preset: str, dataset: str, tiny_demo: Path, tmp_path: Path
@@ -165,6 +166,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "ISUBG_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_exits_cleanly_and_resume_finishes(tiny_demo: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["train", "--preset", "demo", "--data", str(tiny_demo), *sets(*TINY, "data.num_workers=0",
@@ -190,6 +192,7 @@ def test_sigint_saves_a_checkpoint_exits_cleanly_and_resume_finishes(tiny_demo: 
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_one_run(tiny_demo: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
     options = sets(*FAST, "data.num_workers=0", "train.device=cpu")

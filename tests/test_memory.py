@@ -288,6 +288,7 @@ def test_measure_without_cuda_is_a_config_error() -> None:
         measure_peak_cuda(tiny_config(), spec_for(tiny_config()), 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "gib", "fits"), [("8gb", 8, True), ("24gb", 8, False), ("24gb", 24, True)])
 def test_full_size_presets_keep_their_promise(preset: str, gib: int, fits: bool) -> None:
     est = _full_size(preset)
@@ -312,6 +313,7 @@ def profile(*args: str) -> Any:
     return RUNNER.invoke(app, ["profile-memory", *args, *sets])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["default", "8gb", "24gb", "memory-optimized", "high-performance"])
 def test_cli_json_verdict_per_preset(preset: str) -> None:
     verdicts = []

@@ -107,6 +107,7 @@ def test_counter_activation_has_an_effect(processed: Path) -> None:
     assert _differs(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_builds_and_trains_a_step(processed: Path, preset: str) -> None:
     cfg = resolve_config(preset).config

@@ -30,6 +30,8 @@ from isubg.train import train
 MARGIN = 0.25  # accuracy the shuffled input must cost, at least
 ABOVE_PRIOR = 0.30  # how far above the majority answer the trained branch must be
 
+pytestmark = pytest.mark.slow  # trains each branch for minutes
+
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:

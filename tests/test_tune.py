@@ -331,6 +331,7 @@ def _wait_for_first_step(worker: subprocess.Popen[str], study_dir: Path) -> None
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_without_running_a_configuration_twice(tiny_demo: Path, tmp_path: Path) -> None:
     points = "".join(f"  - {{dropout: {d}}}\n" for d in (0.1, 0.2, 0.3, 0.4))
     plan = write_plan(tmp_path, "four", f"kind: grid\npoints:\n{points}")
@@ -347,6 +348,7 @@ def test_two_workers_share_a_study_without_running_a_configuration_twice(tiny_de
     assert {t.user_attrs["isubg.worker"]["pid"] for t in trials} <= {w.pid for w in workers}
 
 
+@pytest.mark.slow
 def test_a_killed_worker_leaves_its_trial_failed_and_a_restart_completes_the_study(
     tiny_demo: Path, tmp_path: Path
 ) -> None:
@@ -370,6 +372,7 @@ def test_a_killed_worker_leaves_its_trial_failed_and_a_restart_completes_the_stu
     assert retry.params == trials[0].params
 
 
+@pytest.mark.slow
 def test_ctrl_c_fails_and_requeues_the_current_trial_and_the_study_resumes(tiny_demo: Path, tmp_path: Path) -> None:
     plan = write_plan(tmp_path, "one", "kind: grid\npoints: [{dropout: 0.1}]\n")
     worker = _worker(tiny_demo, tmp_path, plan, "--epochs", "3")
