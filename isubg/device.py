@@ -3,8 +3,11 @@
 `pick_device` turns `train.device` into a torch device; `pick_precision` decides what `memory.mixed_precision`
 means on that device and says why, so the start banner can print the reason:
 
-- CUDA with bf16 support (Ampere and newer): bf16 autocast, no grad scaler (bf16 has fp32's exponent range).
-- Older CUDA: fp16 autocast with a GradScaler (fp16 gradients underflow without loss scaling).
+- CUDA with native bf16 (compute capability 8.0 and newer: Ampere, Hopper, ...; and ROCm): bf16 autocast, no
+  grad scaler (bf16 has fp32's exponent range).
+- Older CUDA (T4, V100, RTX 20xx): fp16 autocast with a GradScaler (fp16 gradients underflow without loss
+  scaling). `torch.cuda.is_bf16_supported()` answers True on these cards too, as bf16 can be emulated there, but
+  emulated bf16 runs far slower than fp16's tensor cores, so isubg asks for the capability instead.
 - CPU with native bf16 instructions (AVX512-BF16 or AMX): bf16 autocast.
 - Other CPUs: fp32. Their bf16 is emulated and measured ~7x slower than fp32 on an AVX2 machine, so autocast
   would cost time and save nothing worth having; the reason says so.
@@ -29,6 +32,7 @@ from isubg.errors import ConfigError
 __all__ = [
     "Precision",
     "cpu_has_native_bf16",
+    "cuda_has_native_bf16",
     "memory_mib",
     "peak_memory_mib",
     "pick_device",
@@ -40,13 +44,17 @@ _MIB = 1024 * 1024
 
 
 def pick_device(setting: str) -> torch.device:
-    """The device for `train.device` ("auto", "cpu", "cuda", "cuda:N").
+    """The device for `train.device` ("auto", "cpu", "cuda", "cuda:N"); a CUDA device always has its index.
+
+    "auto" and "cuda" mean the current CUDA device (`torch.cuda.current_device()`, device 0 unless the process
+    chose another), named with its index: several torch.cuda calls (`set_per_process_memory_fraction`, the memory
+    statistics) reject a CUDA device without one.
 
     Raises:
         ConfigError: CUDA was asked for but is not available, or the index does not exist.
     """
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(setting)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -54,7 +62,9 @@ def pick_device(setting: str) -> torch.device:
                 f"train.device is {setting!r} but this torch sees no CUDA device "
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device auto or cpu"
             )
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
             raise ConfigError(f"train.device is {setting!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
@@ -92,11 +102,18 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: compute capability 8.0 or newer, or any ROCm device."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def pick_precision(
     device: torch.device,
     mixed: bool,
     *,
-    cuda_bf16: Callable[[], bool] | None = None,
+    cuda_bf16: Callable[[torch.device], bool] = cuda_has_native_bf16,
     cpu_bf16: Callable[[], bool] = cpu_has_native_bf16,
 ) -> Precision:
     """The precision for `memory.mixed_precision` on `device` (rules in the module docstring).
@@ -106,10 +123,9 @@ def pick_precision(
     if not mixed:
         return Precision(None, False, "fp32: memory.mixed_precision is off")
     if device.type == "cuda":
-        supported = cuda_bf16() if cuda_bf16 is not None else torch.cuda.is_bf16_supported()
-        if supported:
-            return Precision(torch.bfloat16, False, "bf16 autocast: mixed_precision on and this GPU supports bf16")
-        return Precision(torch.float16, True, "fp16 autocast + grad scaler: this GPU has no bf16")
+        if cuda_bf16(device):
+            return Precision(torch.bfloat16, False, "bf16 autocast: mixed_precision on and this GPU has native bf16")
+        return Precision(torch.float16, True, "fp16 autocast + grad scaler: this GPU has no native bf16")
     if device.type == "cpu" and cpu_bf16():
         return Precision(torch.bfloat16, False, "bf16 autocast: mixed_precision on and this CPU has native bf16")
     return Precision(
