@@ -118,27 +118,41 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return state_dict
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator a run draws from, in weights-only-loadable types."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random generator this process draws from, in weights-only-loadable types.
+
+    On a CUDA `device` the state of that device's generator is kept ("cuda", one tensor): the run's own GPU,
+    not every visible one, so a checkpoint resumes on a machine with fewer GPUs.
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured (CUDA states only when CUDA is in use here too)."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` captured; the CUDA state goes to `device` when it is a CUDA device.
+
+    Checkpoints of isubg 0.1 before this change hold a list of every visible GPU's state; the entry of the
+    device's index is used (the last one when the list is shorter).
+    """
     torch.set_rng_state(state["torch"].cpu())
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda":
+        return
+    if isinstance(saved, (list, tuple)):
+        if not saved:
+            return
+        saved = saved[min(device.index or 0, len(saved) - 1)]
+    torch.cuda.set_rng_state(saved.cpu(), device)
 
 
 def _as_tuple(value: Any) -> Any:

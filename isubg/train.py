@@ -217,15 +217,30 @@ def make_trainer(
     )
 
 
-def checkpoint_state(t: Trainer, spec: dict[str, int], vocab: str) -> dict[str, Any]:
-    """Everything `restore` needs (layout in isubg.checkpoint)."""
+def gather_rng(t: Trainer) -> list[dict[str, Any]]:
+    """Every rank's random generator states (rank order), so a resumed DDP run gives each rank its own noise back.
+
+    Collective under DDP: every rank must call it.
+    """
+    local = rng_state(t.device)
+    if t.procs.world == 1:
+        return [local]
+    gathered: list[Any] = [None] * t.procs.world
+    tdist.all_gather_object(gathered, local)
+    return gathered
+
+
+def checkpoint_state(t: Trainer, spec: dict[str, int], vocab: str, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything `restore` needs (layout in isubg.checkpoint); `rngs` from `gather_rng`."""
+    extra = {"rng_ranks": rngs} if len(rngs) > 1 else {}
     return {
         "version": CHECKPOINT_VERSION,
         "model": strip_module_prefix(t.model.state_dict()),
         "optimizers": t.optimizers.state_dict(),
         "scheduler": t.schedule.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else {},
-        "rng": rng_state(),
+        "rng": rngs[0],
+        **extra,
         "progress": asdict(t.progress),
         "config": t.cfg.model_dump(mode="json"),
         "spec": spec,
@@ -250,8 +265,16 @@ def restore(t: Trainer, state: dict[str, Any], vocab: str, where: Path) -> None:
     t.schedule.load_state_dict(state["scheduler"])
     if state["scaler"]:
         t.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
     t.progress = Progress(**state["progress"])
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) == t.procs.world:
+        set_rng_state(ranks[t.procs.rank], t.device)
+    elif t.procs.main:
+        set_rng_state(ranks[0], t.device)
+    else:
+        # Saved with another number of processes: this rank has no state of its own, so it draws fresh noise,
+        # distinct per rank and per position (exact resume needs the same process count).
+        seed_everything(t.cfg.train.seed + 1_000_003 * (t.progress.step + 1) + t.procs.rank)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,10 +457,12 @@ def validate(t: Trainer, val_set: VQADataset) -> dict[str, float]:
 
 
 def _save(t: Trainer, run_dir: Path, spec: dict[str, int], vocab: str, best: bool) -> None:
+    """Write last.pt (and best.pt) on rank 0; collective under DDP (every rank's RNG state is gathered)."""
+    rngs = gather_rng(t)
     if not t.procs.main:
         return
     last = run_dir / "checkpoints" / "last.pt"
-    save_checkpoint(last, checkpoint_state(t, spec, vocab))
+    save_checkpoint(last, checkpoint_state(t, spec, vocab, rngs))
     if best:
         tmp = last.with_name(".best.pt.tmp")
         shutil.copyfile(last, tmp)
@@ -505,7 +530,9 @@ def train(
     if resume:
         if not last.is_file():
             raise ConfigError(f"--resume: {run_dir} has no checkpoints/last.pt to continue from")
-        restore(t, load_checkpoint(last, map_location=device), vocab, last)
+        # Loaded on the CPU: load_state_dict moves weights and optimizer moments to their parameters' device and
+        # keeps the optimizers' `step` counters on the CPU, where foreach Adamax/AdamW read them without a sync.
+        restore(t, load_checkpoint(last, map_location="cpu"), vocab, last)
     if procs.rank and not resume:
         torch.manual_seed(cfg.train.seed + procs.rank)  # same initial weights (DDP broadcasts), own dropout noise
     ui = TrainUI(run_dir, procs.main, console, resume=resume)

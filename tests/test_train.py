@@ -303,3 +303,78 @@ def test_dynamic_batch_size_fits_the_micro_batch_before_training_on_cuda(
     assert fit_micro_batch(config(), None, torch.device("cuda"), gqa) is None, "off by default"
     cpu = fit_micro_batch(config("dynamic_batch_size=true"), None, torch.device("cpu"), gqa)
     assert cpu is not None and "CPU" in cpu
+
+
+def test_resume_loads_the_checkpoint_on_the_cpu(gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the CPU load_state_dict moves weights and moments to their parameters and keeps the optimizers' step
+    # counters on the CPU; loaded onto the GPU, foreach Adamax/AdamW would sync on each counter every step.
+    import isubg.train as train_module
+
+    seen: list[Any] = []
+    real = train_module.load_checkpoint
+
+    def spy(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+        seen.append(map_location)
+        return real(path, map_location)
+
+    monkeypatch.setattr(train_module, "load_checkpoint", spy)
+    cfg = config("epochs=1")
+    run(cfg, tmp_path / "run", gqa, stop_after_steps=1)
+    assert run(cfg, tmp_path / "run", gqa, resume=True).status == "finished"
+    assert seen == ["cpu"]
+
+
+def test_each_rank_gets_its_own_random_state_back(gqa: Path) -> None:
+    import dataclasses
+    import random
+
+    import numpy as np
+
+    from isubg.checkpoint import rng_state, vocab_checksum
+    from isubg.models import build_model
+    from isubg.train import checkpoint_state, restore
+
+    cfg = config()
+    model = build_model(cfg, open_split(cfg, gqa, "train", 8).spec())
+    t = make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes())
+    vocab = vocab_checksum(gqa)
+    states = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        states.append(rng_state(torch.device("cpu")))
+    saved = checkpoint_state(t, {}, vocab, states[:2])
+    assert saved["rng"] is states[0] and saved["rng_ranks"] == states[:2]
+    rank1 = dataclasses.replace(t, procs=Processes(rank=1, world=2))
+    restore(rank1, saved, vocab, Path("last.pt"))
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"]) and random.random() == _first_draw(2)
+    # Saved by three processes, resumed by two: rank 1 has no state of its own and must not share rank 0's noise.
+    restore(rank1, checkpoint_state(t, {}, vocab, states), vocab, Path("last.pt"))
+    assert all(not torch.equal(torch.get_rng_state(), s["torch"]) for s in states)
+    single = checkpoint_state(t, {}, vocab, states[2:])
+    assert "rng_ranks" not in single
+    restore(t, single, vocab, Path("last.pt"))
+    assert torch.equal(torch.get_rng_state(), states[2]["torch"])
+
+
+def _first_draw(seed: int) -> float:
+    import random
+
+    return random.Random(seed).random()
+
+
+def test_the_cuda_random_state_is_the_runs_device_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from isubg.checkpoint import rng_state, set_rng_state
+
+    calls: list[tuple[list[int], torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state.tolist(), device)))
+    state = rng_state(torch.device("cuda", 1))
+    assert state["cuda"].tolist() == [7]
+    set_rng_state(state, torch.device("cuda", 1))
+    # A checkpoint of the former layout (every visible GPU's state) resumed on an index it has no entry for.
+    set_rng_state({**state, "cuda": [torch.tensor([1]), torch.tensor([2])]}, torch.device("cuda", 3))
+    set_rng_state(state, torch.device("cpu"))
+    assert "cuda" not in rng_state(torch.device("cpu"))
+    assert calls == [([7], torch.device("cuda", 1)), ([2], torch.device("cuda", 3))]
