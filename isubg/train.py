@@ -181,6 +181,9 @@ class Progress:
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the best one
     elapsed_s: float = 0.0
+    # The epoch before `epoch` is trained and saved but not yet validated (a crash in validation loses nothing;
+    # a resumed run validates it first).
+    pending_validation: bool = False
 
 
 @dataclass
@@ -358,6 +361,30 @@ def out_of_memory(t: Trainer) -> None:
         )
 
 
+def _update(t: Trainer) -> tuple[float, bool]:
+    """`apply_update`, with an out-of-memory error in the optimizer step turned into a clear one.
+
+    Raises:
+        ResourceError: the optimizer step ran out of memory. A smaller micro-batch cannot help (the activations
+            are freed by then; the step needs the weights, gradients, optimizer states and foreach's copies).
+    """
+    oom = False
+    try:
+        return apply_update(t)
+    except torch.OutOfMemoryError:
+        oom = True
+    if oom:  # outside the except block, so the traceback's references are gone before memory is freed
+        for opt in t.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if t.device.type == "cuda":
+            torch.cuda.empty_cache()
+    raise ResourceError(
+        f"out of {t.device.type.upper()} memory in the optimizer step (step {t.progress.step + 1}): the weights, "
+        "gradients and optimizer states do not fit, whatever the micro-batch. Use a smaller model (--preset "
+        "memory-optimized) or see `isubg profile-memory`; checkpoints/last.pt is kept"
+    )
+
+
 def halve_micro_batch(t: Trainer) -> tuple[int, int]:
     """The largest divisor of the micro-batch up to half of it, with accumulation raised to keep the effective batch.
 
@@ -403,9 +430,12 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
         group_start = prog.batch - prog.batch % group
         in_group = min(group, total - group_start)  # the last group of an epoch may be short
         last_of_group = prog.batch - group_start == in_group - 1
+        oom = False
         try:
             losses.append(forward_backward(t, batch, 1.0 / in_group, sync=last_of_group))
         except torch.OutOfMemoryError:
+            oom = True
+        if oom:  # handled outside the except block, whose traceback holds the failed step's graph and batch
             out_of_memory(t)
             prog.batch = group_start  # the interrupted group is redone from its first sample
             return outcome("oom", f"out of memory at micro-batch size {cfg.train.batch_size}")
@@ -417,7 +447,7 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
         bad_loss, interrupted = _any_rank(t, math.isnan(sum(losses[-in_group:])), bool(stop))
         if bad_loss:
             return outcome("diverged", f"the loss became nan/inf at step {prog.step + 1} (epoch {prog.epoch + 1})")
-        norm, stepped = apply_update(t)
+        norm, stepped = _update(t)
         if stepped:
             prog.step += 1
         else:
@@ -469,20 +499,31 @@ def _save(t: Trainer, run_dir: Path, spec: dict[str, int], vocab: str, best: boo
         os.replace(tmp, last.with_name("best.pt"))
 
 
-def _end_epoch(t: Trainer, outcome: EpochOutcome, val: dict[str, float], ui: TrainUI) -> bool:
-    """Record the epoch, update best/patience; True when the fused accuracy improved."""
+def _validate_epoch(
+    t: Trainer, val_set: VQADataset, outcome: EpochOutcome, ui: TrainUI, save: Callable[[bool], None]
+) -> dict[str, float]:
+    """Validate the epoch just trained (`t.progress.epoch` epochs done), record it, update best/patience, save.
+
+    The epoch's training is saved before validation starts (`pending_validation`), so a crash or out-of-memory
+    error while validating loses nothing; last.pt (and best.pt when the fused accuracy improved) is saved again
+    afterwards.
+    """
     prog = t.progress
+    prog.pending_validation = True
+    save(False)
+    val = validate(t, val_set)
     score = val.get("fused", math.nan)
     improved = prog.best_score is None or score > prog.best_score
     if improved:
-        prog.best_score, prog.best_epoch, prog.bad_epochs = score, prog.epoch + 1, 0
+        prog.best_score, prog.best_epoch, prog.bad_epochs = score, prog.epoch, 0
     else:
         prog.bad_epochs += 1
+    prog.pending_validation = False
     ui.epoch_record(
-        prog.epoch + 1, t.cfg.train.epochs, prog.step, outcome.train_loss, outcome.samples, outcome.seconds, val,
-        improved,
+        prog.epoch, t.cfg.train.epochs, prog.step, outcome.train_loss, outcome.samples, outcome.seconds, val, improved
     )  # fmt: skip
-    return improved
+    save(improved)
+    return val
 
 
 def train(
@@ -562,8 +603,16 @@ def _run_epochs(
     cfg, prog, stop = t.cfg, t.progress, StopFlag()
     status, message, val = "finished", "", None
     started = time.perf_counter() - prog.elapsed_s
+
+    def save(best: bool) -> None:
+        _save(t, run_dir, spec, vocab, best=best)
+
     with stop.catching():
-        while prog.epoch < cfg.train.epochs:
+        verdict = None
+        if prog.pending_validation:  # resumed after a crash while the last epoch was validated
+            val = _validate_epoch(t, val_set, EpochOutcome(math.nan, 0, 0.0), ui, save)
+            verdict = _stop_after_epoch(t, val, stop, on_epoch)
+        while verdict is None and prog.epoch < cfg.train.epochs:
             skip = prog.batch * cfg.train.batch_size
             loader = make_batches(
                 train_set, cfg, rank=t.procs.rank, world=t.procs.world, epoch=prog.epoch, train=True, skip=skip
@@ -586,24 +635,15 @@ def _run_epochs(
                 status, message = "diverged", outcome.message
                 break
             if outcome.stopped == "interrupted":
-                _save(t, run_dir, spec, vocab, best=False)
+                save(False)
                 status, message = "interrupted", outcome.message
                 break
-            val = validate(t, val_set)
-            improved = _end_epoch(t, outcome, val, ui)
             prog.epoch, prog.batch = prog.epoch + 1, 0
             prog.elapsed_s = time.perf_counter() - started
-            _save(t, run_dir, spec, vocab, best=improved)
-            if cfg.train.patience is not None and prog.bad_epochs >= cfg.train.patience:
-                status = "early_stopped"
-                message = f"no better validation accuracy for {prog.bad_epochs} epochs (train.patience)"
-                break
-            if on_epoch is not None and on_epoch(prog.epoch, val.get("fused", math.nan)):
-                status, message = "pruned", f"stopped after epoch {prog.epoch} by the caller (pruned)"
-                break
-            if stop:
-                status, message = "interrupted", f"stopped by {stop.reason}"
-                break
+            val = _validate_epoch(t, val_set, outcome, ui, save)
+            verdict = _stop_after_epoch(t, val, stop, on_epoch)
+        if verdict is not None:
+            status, message = verdict
     result = TrainResult(
         run_dir=run_dir, status=status, message=message, best_score=prog.best_score, best_epoch=prog.best_epoch,
         steps=prog.step, elapsed_s=prog.elapsed_s, peak_memory_mib=peak_memory_mib(t.device), baseline=baseline,
@@ -611,6 +651,20 @@ def _run_epochs(
     )  # fmt: skip
     ui.finish(result)
     return result
+
+
+def _stop_after_epoch(
+    t: Trainer, val: dict[str, float], stop: StopFlag, on_epoch: EpochHook | None
+) -> tuple[str, str] | None:
+    """(status, message) when the run ends after this validated epoch: patience, the caller's hook, a signal."""
+    prog = t.progress
+    if t.cfg.train.patience is not None and prog.bad_epochs >= t.cfg.train.patience:
+        return "early_stopped", f"no better validation accuracy for {prog.bad_epochs} epochs (train.patience)"
+    if on_epoch is not None and on_epoch(prog.epoch, val.get("fused", math.nan)):
+        return "pruned", f"stopped after epoch {prog.epoch} by the caller (pruned)"
+    if stop:
+        return "interrupted", f"stopped by {stop.reason}"
+    return None
 
 
 def default_run_dir(preset: str, root: Path = Path("runs")) -> Path:

@@ -378,3 +378,65 @@ def test_the_cuda_random_state_is_the_runs_device_only(monkeypatch: pytest.Monke
     set_rng_state(state, torch.device("cpu"))
     assert "cuda" not in rng_state(torch.device("cpu"))
     assert calls == [([7], torch.device("cuda", 1)), ([2], torch.device("cuda", 3))]
+
+
+def test_out_of_memory_is_handled_after_the_exception_is_released(
+    gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory is freed only once nothing references the failed step: inside the except block the traceback
+    # still holds its frames (the graph and the batch on the device).
+    import sys
+
+    import isubg.train as train_module
+
+    handling: list[Any] = []
+    real = train_module.out_of_memory
+
+    def spy(t: Any) -> None:
+        handling.append(sys.exc_info()[0])
+        real(t)
+
+    monkeypatch.setattr(train_module, "out_of_memory", spy)
+    _oom_above(4, monkeypatch)
+    assert run(config("epochs=1", "dynamic_batch_size=true"), tmp_path / "run", gqa).status == "finished"
+    assert handling == [None]
+
+
+def test_out_of_memory_in_the_optimizer_step_is_a_clear_error(
+    gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import isubg.train as train_module
+    from isubg.errors import ResourceError
+
+    def step(_t: Any) -> tuple[float, bool]:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    monkeypatch.setattr(train_module, "apply_update", step)
+    with pytest.raises(ResourceError, match=r"optimizer step .* whatever the micro-batch"):
+        run(config("epochs=1", "dynamic_batch_size=true"), tmp_path / "run", gqa)
+
+
+def test_a_crash_while_validating_loses_no_training(gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import isubg.train as train_module
+
+    cfg = config("epochs=2")
+    whole = run(cfg, tmp_path / "whole", gqa)
+    real = train_module.validate
+    calls = {"n": 0}
+
+    def crash_on_the_first(t: Any, val_set: Any) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("validation crashed (injected by the test)")
+        return real(t, val_set)
+
+    monkeypatch.setattr(train_module, "validate", crash_on_the_first)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(cfg, tmp_path / "split", gqa)
+    progress = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["progress"]
+    assert progress["epoch"] == 1 and progress["pending_validation"] and progress["step"] == whole.steps // 2
+    resumed = run(cfg, tmp_path / "split", gqa, resume=True)
+    assert resumed.status == "finished" and resumed.best_epoch == whole.best_epoch
+    assert same(weights(tmp_path / "whole"), weights(tmp_path / "split"))
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "split").records if r["event"] == "epoch"]
+    assert epochs == [1, 2]
