@@ -164,3 +164,34 @@ def test_memory_efficient_attention_computes_the_same_function(processed: Path) 
         out_a, out_b = a(batch), b(batch)
     for name in out_a.branches:
         torch.testing.assert_close(out_a.branches[name].logits, out_b.branches[name].logits, atol=1e-5, rtol=1e-5)
+
+
+def test_precision_sensitive_parts_run_in_float32_under_autocast(processed: Path) -> None:
+    # Under bf16 autocast (CPU here; CUDA autocast casts the same way) the recurrences, the isubg node-score
+    # standardisation and the fused probabilities stay in float32; everything else may run in bf16.
+    from isubg.models.isubg import NodeScorer
+
+    cfg = _config("use_masking=true")
+    data = _data(processed, cfg)
+    model = build_model(cfg, data.spec()).train()
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name: str) -> Any:
+        def hook(_module: Any, _args: Any, out: Any) -> None:
+            first = out[0] if isinstance(out, tuple) else out
+            seen[name] = getattr(first, "data", first).dtype  # a PackedSequence keeps its tensor in .data
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.GRU, torch.nn.GRUCell, NodeScorer)):
+            module.register_forward_hook(record(name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_batch(data, [0, 1, 2]))
+    assert any("cfrf" in n for n in seen) and any("isubg" in n for n in seen)
+    assert all(dtype == torch.float32 for dtype in seen.values()), seen
+    assert any(o.logits.dtype == torch.bfloat16 for o in out.branches.values()), "autocast was not active"
+    assert out.fused.dtype == torch.float32
+    logits = torch.stack([o.logits.float() for o in out.branches.values()])
+    weights = torch.softmax(model.adapted_w.float(), dim=0).unsqueeze(1)
+    torch.testing.assert_close(out.fused, (weights * torch.sigmoid(logits)).sum(0))

@@ -554,7 +554,10 @@ class CfrfBranch(nn.Module):
         words = self.words(batch.q_tokens)
         # Padding is at the end and the GRU runs forward, so real positions never read it; every later
         # step masks the padded positions, so packing the sequences would change nothing.
-        q = self.gru(words)[0]
+        # The recurrence runs in float32 with autocast off: half-precision errors compound over the steps, and
+        # CUDA autocast would hand cuDNN's RNN a low-precision input; the GRU is a small share of the work.
+        with torch.autocast(words.device.type, enabled=False):
+            q = self.gru(words.float())[0]
         if self.entity_fusion is not None:
             q = self.entity_fusion(q, q_mask, words, batch.entity_mask & q_mask, chunked)
         v = self.box_proj(torch.cat([batch.features, batch.spatials], -1))

@@ -58,7 +58,7 @@ class FusedOutput:
 
     def probabilities(self) -> dict[str, torch.Tensor]:
         """Branch name -> (B, A) sigmoid probabilities, plus "fused"."""
-        out = {name: torch.sigmoid(o.logits) for name, o in self.branches.items()}
+        out = {name: torch.sigmoid(o.logits.float()) for name, o in self.branches.items()}
         out["fused"] = self.fused
         return out
 
@@ -102,7 +102,9 @@ class FusedModel(nn.Module):
             batch: a Batch of B questions -> FusedOutput with (B, A) logits per branch and (B, A) fused.
         """
         outputs = {name: branch(batch) for name, branch in self.branches.items()}
-        probs = torch.stack([torch.sigmoid(o.logits) for o in outputs.values()])  # (K, B, A)
+        # float32: under autocast the logits are bf16/fp16, and a low-precision sigmoid rounds confident answers to
+        # exactly 1 (no gradient through the clamped fused BCE) and coarsens everything the fusion weighs.
+        probs = torch.stack([torch.sigmoid(o.logits.float()) for o in outputs.values()])  # (K, B, A)
         weights = torch.softmax(self.adapted_w, dim=0).unsqueeze(1)  # (K, 1, A)
         return FusedOutput(branches=outputs, fused=(weights * probs).sum(0))
 

@@ -106,11 +106,13 @@ class QuestionEncoder(nn.Module):
         return self.embed_proj(mean) * present.any(dim=1, keepdim=True).to(mean.dtype)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        words = self.embed_proj(self.embed(tokens))
+        words = self.embed_proj(self.embed(tokens)).float()
         # An all-padding question still needs one step; its token 0 embeds to zeros.
         lengths = mask.sum(1).clamp_min(1).cpu()
         packed = pack_padded_sequence(words, lengths, batch_first=True, enforce_sorted=False)
-        out, last = self.gru(packed)
+        # float32 with autocast off, as the cfrf GRU (see there): errors compound over a recurrence.
+        with torch.autocast(words.device.type, enabled=False):
+            out, last = self.gru(packed)
         u = self.question_proj(torch.cat([last[0], last[1]], dim=-1))
         if self.state_proj is None:
             return None, u
@@ -138,7 +140,8 @@ class InstructionDecoder(nn.Module):
             q = self.state_to_query(hidden) + query  # (B, d): where this step looks depends on the last
             weights = masked_softmax(torch.einsum("bld,bd->bl", states, q) * scale, mask)
             context = torch.einsum("bl,bld->bd", weights, states)
-            hidden = self.cell(context, hidden)
+            with torch.autocast(context.device.type, enabled=False):  # a recurrence: float32 (QuestionEncoder)
+                hidden = self.cell(context.float(), hidden.float())
             steps.append(hidden)
         return torch.stack(steps)
 
@@ -237,7 +240,9 @@ class NodeScorer(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))
 
     def forward(self, h: torch.Tensor, u: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.Tensor:
-        raw = self.out(nn.functional.gelu(self.node(h) * self.question(u)[index])).squeeze(-1)
+        # The statistics in float32: in bf16 the standardised scores tie, and the sampler's top-k breaks ties
+        # arbitrarily.
+        raw = self.out(nn.functional.gelu(self.node(h) * self.question(u)[index])).squeeze(-1).float()
         counts = torch.bincount(index, minlength=num_graphs).clamp_min(1).to(raw.dtype)
         mean = raw.new_zeros(num_graphs).index_add_(0, index, raw) / counts
         centred = raw - mean[index]
