@@ -320,6 +320,11 @@ class TrainConfig(_Section):
         "auto", "Device: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.", pattern=r"^(auto|cpu|cuda(:\d+)?)$"
     )
     log_every: Int = _p(10, "Optimizer steps between metric lines in metrics.jsonl.", ge=1)
+    tf32: bool = _p(
+        True,
+        "On CUDA (Ampere and newer), float32 matrix products and convolutions use TF32 tensor cores: 10-bit "
+        "mantissa products, float32 accumulation, several times faster; false: full float32. CPU runs ignore it.",
+    )
 
 
 class OptimConfig(_Section):
@@ -594,6 +599,8 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
         if spec.name not in branches and spec.optimizer == "adamw":
             reason = f"the {spec.name} branch is not in model.branches"
             rules += [(p, reason) for p in (spec.lr_field, spec.weight_decay_field) if p is not None]
+    if cfg.train.device == "cpu":
+        rules.append(("train.tf32", "train.device is cpu (TF32 is a CUDA tensor-core mode)"))
     if not cfg.model.cfrf.use_counter:
         rules.append(("model.cfrf.counter_act", "use_counter is off"))
     if cfg.model.cfrf.AOA_layers == 0:

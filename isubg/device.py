@@ -31,6 +31,7 @@ from isubg.errors import ConfigError
 
 __all__ = [
     "Precision",
+    "configure_cuda_math",
     "cpu_has_native_bf16",
     "cuda_has_native_bf16",
     "memory_mib",
@@ -92,6 +93,12 @@ class Precision:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def configure_cuda_math(tf32: bool) -> None:
+    """Let float32 matrix products and cuDNN convolutions use TF32 tensor cores (`train.tf32`), or forbid it."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

@@ -60,7 +60,7 @@ from isubg.checkpoint import (
 from isubg.config import RunConfig
 from isubg.data.dataset import VQADataset
 from isubg.data.loaders import make_batches, open_split
-from isubg.device import Precision, peak_memory_mib, pick_device, pick_precision
+from isubg.device import Precision, configure_cuda_math, peak_memory_mib, pick_device, pick_precision
 from isubg.errors import ConfigError, ResourceError
 from isubg.evaluate import evaluate
 from isubg.memory import WorstCase, estimate, largest_graph
@@ -213,8 +213,11 @@ def make_trainer(
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     wrapped: nn.Module = model
     if procs.world > 1:
-        # Branch subsets and the sampler leave some parameters without a gradient in some steps.
-        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        # find_unused_parameters: which parameters get no gradient changes from step to step (the isubg sampler's
+        # masks, batches without held-out fusion questions), so DDP must look every time.
+        # broadcast_buffers off: every buffer is a constant derived from the data folder (tf-idf matrix, graph
+        # word ids), the same on every rank; broadcasting them from rank 0 on each forward only cost bandwidth.
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
     return Trainer(
         model, wrapped, optimizers, schedule, scaler, precision, device, cfg.optim.clip_norm, cfg=cfg, procs=procs
     )
@@ -553,6 +556,7 @@ def train(
     device = pick_device(cfg.train.device if one_device else f"cuda:{procs.local_rank}")
     precision = pick_precision(device, cfg.memory.mixed_precision)
     if device.type == "cuda":
+        configure_cuda_math(cfg.train.tf32)
         # Caps PyTorch's caching allocator, so the run raises (and dynamic batch sizing recovers) before it
         # takes more than its share of a shared card.
         torch.cuda.set_per_process_memory_fraction(cfg.memory.max_memory_usage, device)

@@ -63,3 +63,16 @@ def test_bf16_only_where_the_gpu_computes_it_natively(two_gpus: None) -> None:
 def test_rocm_devices_use_bf16(two_gpus: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert pick_precision(torch.device("cuda", 0), True).dtype == torch.bfloat16
+
+
+def test_tf32_setting_switches_the_cuda_math_mode() -> None:
+    from isubg.device import configure_cuda_math
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        configure_cuda_math(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        configure_cuda_math(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -90,6 +90,7 @@ SHOWN_BY: dict[str, str] = {
     "train.lr": "tests/test_settings_act.py::test_each_optimizer_steps_at_its_learning_rate",
     "train.xvlm_lr": "tests/test_settings_act.py::test_each_optimizer_steps_at_its_learning_rate",
     "train.fusion_lr": "tests/test_train.py::test_fusion_weights_step_at_their_own_learning_rate[0.05]",
+    "train.tf32": "tests/test_device.py::test_tf32_setting_switches_the_cuda_math_mode",
     "train.batch_size": "tests/test_settings_act.py::test_batch_size_and_update_freq_set_the_optimizer_steps",
     "train.update_freq": "tests/test_settings_act.py::test_batch_size_and_update_freq_set_the_optimizer_steps",
     "train.seed": "tests/test_train.py::test_same_seed_same_weights_other_seed_other_weights",

@@ -440,3 +440,29 @@ def test_a_crash_while_validating_loses_no_training(gqa: Path, tmp_path: Path, m
     assert same(weights(tmp_path / "whole"), weights(tmp_path / "split"))
     epochs = [r["epoch"] for r in read_metrics(tmp_path / "split").records if r["event"] == "epoch"]
     assert epochs == [1, 2]
+
+
+def test_ddp_wraps_without_broadcasting_the_constant_buffers(gqa: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Buffers are data-derived constants (tf-idf matrix, graph word ids): a training step leaves them unchanged,
+    # so DDP need not broadcast them from rank 0 on every forward.
+    from isubg.models import build_model
+
+    cfg = config("tfidf=true")
+    data = open_split(cfg, gqa, "train", 8)
+    model = build_model(cfg, data.spec())
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    assert buffers, "the demo model has the tf-idf and graph-word buffers"
+    t = make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes())
+    forward_backward(t, collate([data[i] for i in range(8)], data.num_answers), 1.0)
+    apply_update(t)
+    assert all(torch.equal(buffers[name], b) for name, b in model.named_buffers())
+    wrapped: dict[str, Any] = {}
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module, **kwargs: Any) -> None:
+            super().__init__()
+            wrapped.update(kwargs)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes(rank=0, world=2))
+    assert wrapped == {"find_unused_parameters": True, "broadcast_buffers": False}
