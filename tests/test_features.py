@@ -187,3 +187,37 @@ def test_a_pickle_that_is_not_plain_data_is_refused(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({1: Path("x")}))
     with pytest.raises(DataError, match="cannot read the image id map"):
         read_id_map(path)
+
+
+def test_no_handle_is_held_until_a_read_and_reads_take_no_file_lock(
+    adaptive: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import isubg.data.features as features
+
+    opened: list[dict] = []
+    real = h5py.File
+
+    def spy(*args: object, **kwargs: object) -> h5py.File:
+        opened.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features.h5py, "File", spy)
+    path, boxes = adaptive
+    store = FeatureStore(path)
+    assert store._handle is None, "a process that forks loader workers next must hold no HDF5 handle"
+    store.get(next(iter(boxes)))
+    assert store._handle is not None
+    assert opened and all(kwargs.get("locking") is False for kwargs in opened)
+
+
+def test_loader_workers_fork_from_a_process_without_open_files(tiny_demo: Path) -> None:
+    from isubg.data.loaders import make_batches, open_split
+    from isubg.resolve import resolve_config
+
+    data = tiny_demo / "processed" / "gqa"
+    cfg = resolve_config("demo", sets=["data.num_workers=2", "batch_size=8"]).config
+    dataset = open_split(cfg, data, "val", 16)
+    dataset[0]  # a read in this process (as validation without workers does) opens the features file
+    assert dataset.features._handle is not None
+    batches = list(make_batches(dataset, cfg, epoch=0, train=False))
+    assert dataset.features._handle is None and sum(len(b) for b in batches) == 16

@@ -178,6 +178,10 @@ class VQADataset(Dataset[Sample]):
     def feature_dim(self) -> int:
         return self.features.feature_dim
 
+    def close_files(self) -> None:
+        """Close this process's open data files (reopened on the next read); call before forking workers."""
+        self.features.close()
+
     def __len__(self) -> int:
         return len(self.records)
 

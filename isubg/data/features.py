@@ -154,8 +154,9 @@ class FeatureStore:
         except (OSError, KeyError) as exc:
             raise DataError(f"{self.path}: cannot read the features file ({exc})") from None
         finally:
-            if in_memory:
-                self.close()
+            # Closed either way: a lazy store reopens on its first read, so a process that forks DataLoader
+            # workers before reading holds no HDF5 handle across the fork (HDF5 is not fork-safe).
+            self.close()
 
     # ---------------------------------------------------------------------------------------------
     # Opening and checking
@@ -166,7 +167,9 @@ class FeatureStore:
             if not self.path.exists():
                 raise DataError(f"{self.path}: no such features file")
             try:
-                self._handle = h5py.File(self.path, "r")
+                # locking=False: a read-only open needs no lock, and HDF5's file locks fail on some network
+                # file systems (NFS, Lustre) with "unable to lock file" even for readers.
+                self._handle = h5py.File(self.path, "r", locking=False)
             except OSError as exc:
                 raise DataError(
                     f"{self.path}: not a readable HDF5 file (truncated or another format?): {exc}"

@@ -63,6 +63,10 @@ def make_batches(
     order = EpochOrder(
         len(dataset), seed=cfg.train.seed, epoch=epoch, shuffle=train, rank=rank, world=world, pad=train, skip=skip
     )
+    if cfg.data.num_workers > 0:
+        # Workers fork from this process: an HDF5 handle it opened (validation, an earlier epoch without
+        # workers) must not be inherited, as HDF5 is not fork-safe; each worker opens its own.
+        dataset.close_files()
     return DataLoader(
         dataset,
         batch_size=batch_size,
