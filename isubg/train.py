@@ -101,7 +101,9 @@ def fit_micro_batch(cfg: RunConfig, spec: Any, device: torch.device, data_dir: P
 
     On CUDA the memory model (isubg.memory) sizes the worst-case input (max_boxes boxes, the data's largest
     graph) against max_memory_usage x the device's memory and picks the largest micro-batch that divides the
-    samples per update; `cfg` is changed in place. Returns a line for the log, or None when off.
+    samples per update (`MemoryEstimate.fitted_geometry`): smaller when the configured one does not fit, larger
+    when the card has room (fewer, larger micro-batches; accumulation lowered to match). `cfg` is changed in
+    place. Returns a line for the log, or None when off.
 
     Raises:
         ResourceError: not even a micro-batch of 1 fits.
@@ -112,20 +114,22 @@ def fit_micro_batch(cfg: RunConfig, spec: Any, device: torch.device, data_dir: P
         return "dynamic_batch_size: no device memory to fit on the CPU; the micro-batch stays, OOM recovery is on"
     model = estimate(cfg, spec, WorstCase.for_config(cfg, spec, graph=largest_graph(data_dir), source="data"))
     total = torch.cuda.get_device_properties(device).total_memory
-    fitted = model.largest_exact_batch(total, cfg.memory.max_memory_usage)
-    if fitted == 0:
+    fitted = model.fitted_geometry(total, cfg.memory.max_memory_usage)
+    if fitted is None:
         raise ResourceError(
             f"memory.dynamic_batch_size: not even a micro-batch of 1 fits in {cfg.memory.max_memory_usage:.0%} of "
             f"{total / 2**30:.1f} GiB; see `isubg profile-memory` for what to change"
         )
-    old = cfg.train.batch_size
-    if fitted >= old:
-        return f"dynamic_batch_size: micro-batch {old} fits (estimate {model.total(old) / 2**30:.2f} GiB)"
-    cfg.optim.gradient_accumulation_steps = model.accumulation_for(fitted)
-    cfg.train.batch_size = fitted
+    old, gib = cfg.train.batch_size, model.total(cfg.train.batch_size) / 2**30
+    if fitted.batch_size == old:
+        return f"dynamic_batch_size: micro-batch {old} fits (estimate {gib:.2f} GiB); no larger one divides the update"
+    cfg.train.batch_size = fitted.batch_size
+    cfg.optim.gradient_accumulation_steps = fitted.gradient_accumulation_steps
+    cfg.train.update_freq = fitted.update_freq
+    why = "needs" if fitted.batch_size < old else "takes only"
     return (
-        f"dynamic_batch_size: micro-batch {old} needs {model.total(old) / 2**30:.2f} GiB; using {fitted} x "
-        f"accumulation {cfg.optim.gradient_accumulation_steps} (same effective batch)"
+        f"dynamic_batch_size: micro-batch {old} {why} {gib:.2f} GiB; using {fitted.batch_size} x accumulation "
+        f"{fitted.gradient_accumulation_steps} x update_freq {fitted.update_freq} (same effective batch)"
     )
 
 
@@ -266,6 +270,7 @@ def restore(t: Trainer, state: dict[str, Any], vocab: str, where: Path) -> None:
     # and the saved position counts micro-batches of that size.
     t.cfg.train.batch_size = state["config"]["train"]["batch_size"]
     t.cfg.optim.gradient_accumulation_steps = state["config"]["optim"]["gradient_accumulation_steps"]
+    t.cfg.train.update_freq = state["config"]["train"]["update_freq"]
     t.model.load_state_dict(state["model"])
     t.optimizers.load_state_dict(state["optimizers"], where)
     t.schedule.load_state_dict(state["scheduler"])

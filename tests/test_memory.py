@@ -208,7 +208,9 @@ def test_accumulation_keeps_the_effective_batch() -> None:
     assert est.effective_batch(16) == 256 and est.effective_batch(22) == 264
     budget = est.static + 300 * MIB  # up to 30 samples fit; 16 is the largest divisor of 64 below that
     assert est.largest_batch(budget, fraction=1.0, max_batch=64) == 30
-    assert est.largest_exact_batch(budget, fraction=1.0) == 16
+    fitted = est.fitted_geometry(budget, fraction=1.0)
+    assert fitted is not None
+    assert (fitted.batch_size, fitted.gradient_accumulation_steps, fitted.update_freq) == (16, 4, 4)
     with pytest.raises(ValueError):
         est.accumulation_for(0)
 
@@ -435,3 +437,40 @@ def test_the_measurement_names_the_torch_pin_on_another_release(monkeypatch: pyt
     monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
     with pytest.raises(ConfigError, match=r"_top_saved_tensors_default_hooks.*torch<2\.14"):
         measure.check_torch()
+
+
+def _per_sample(cfg: RunConfig, gib_per_sample: float) -> MemoryEstimate:
+    """An estimate of exactly `gib_per_sample` GiB a sample and nothing else (no context, no overhead)."""
+    part = BranchMemory("cfrf", 0, 0, "Adamax", Linear(0.0, gib_per_sample * GIB))
+    return MemoryEstimate(
+        cfg=cfg, spec=spec_for(cfg), worst=WorstCase.for_config(cfg), branches=(part,), inputs=Linear(),
+        autocast_cache=0, precision="fp32", memory_efficient=False, cuda_context=0, allocator_overhead=0.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("geometry", "gib", "expected"),
+    [
+        ((48, 1, 4), 0.5, (96, 2, 1)),  # grows: 128 fit, 96 divides the 192 samples of an update
+        ((48, 1, 4), 1.0, (64, 3, 1)),
+        ((48, 1, 4), 0.25, (192, 1, 1)),  # the whole update in one micro-batch
+        ((48, 1, 4), 4.0, (16, 3, 4)),  # shrinks within the accumulation group: 16 divides 48
+        ((16, 4, 4), 8.0, (8, 8, 4)),
+        ((48, 1, 1), 0.5, (48, 1, 1)),  # fits and nothing larger divides 48
+    ],
+)
+def test_fitted_geometry_keeps_the_samples_per_update_exactly(
+    geometry: tuple[int, int, int], gib: float, expected: tuple[int, int, int]
+) -> None:
+    batch, accumulation, update_freq = geometry
+    sets = (f"batch_size={batch}", f"gradient_accumulation_steps={accumulation}", f"update_freq={update_freq}")
+    cfg = tiny_config(*sets)
+    fitted = _per_sample(cfg, gib).fitted_geometry(80 * GIB, 0.8)  # a 64 GiB budget
+    assert fitted is not None
+    assert (fitted.batch_size, fitted.gradient_accumulation_steps, fitted.update_freq) == expected
+    assert fitted.samples_per_update == batch * accumulation * update_freq
+    assert fitted.batch_size * gib <= 64
+
+
+def test_fitted_geometry_is_none_when_not_even_one_sample_fits() -> None:
+    assert _per_sample(tiny_config(), 100.0).fitted_geometry(80 * GIB, 0.8) is None

@@ -278,28 +278,33 @@ def test_halving_picks_a_divisor_and_rescales_the_position() -> None:
 def test_dynamic_batch_size_fits_the_micro_batch_before_training_on_cuda(
     gqa: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The CUDA sizing logic with the device and the memory model faked: 13 fits, 12 is the largest divisor of 24.
+    # The CUDA sizing logic with the device and the memory model faked.
     import isubg.train
+    from isubg.memory import BranchMemory, Linear, MemoryEstimate, WorstCase
     from isubg.train import fit_micro_batch
 
-    class Model:
-        def largest_exact_batch(self, total: int, fraction: float) -> int:
-            assert total == 80 * 2**30 and fraction == 0.8
-            return 12
+    def linear(cfg: RunConfig, gib_per_sample: float) -> MemoryEstimate:
+        part = BranchMemory("cfrf", 0, 0, "Adamax", Linear(0.0, gib_per_sample * 2**30))
+        return MemoryEstimate(
+            cfg=cfg, spec=None, worst=WorstCase.for_config(cfg), branches=(part,), inputs=Linear(), autocast_cache=0,
+            precision="fp32", memory_efficient=False, cuda_context=0, allocator_overhead=0.0,
+        )  # fmt: skip
 
-        def accumulation_for(self, batch: int) -> int:
-            return 24 * 1 // batch
-
-        def total(self, batch: int) -> int:
-            return batch * 2**30
-
-    monkeypatch.setattr(isubg.train, "estimate", lambda cfg, spec, worst: Model())
+    per_sample = {"gib": 3.0}
+    monkeypatch.setattr(isubg.train, "estimate", lambda cfg, spec, worst: linear(cfg, per_sample["gib"]))
     props = type("Props", (), {"total_memory": 80 * 2**30})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    cfg = config("batch_size=24", "dynamic_batch_size=true", "max_memory_usage=0.8")
+    # 64 GiB budget at 3 GiB a sample: 21 fit; 12 is the largest divisor of the 24 samples per update.
+    cfg = config("batch_size=24", "update_freq=1", "dynamic_batch_size=true", "max_memory_usage=0.8")
     line = fit_micro_batch(cfg, None, torch.device("cuda"), gqa)
-    assert cfg.train.batch_size == 12 and cfg.optim.gradient_accumulation_steps == 2
-    assert line is not None and "using 12 x accumulation 2" in line
+    assert (cfg.train.batch_size, cfg.optim.gradient_accumulation_steps, cfg.train.update_freq) == (12, 2, 1)
+    assert line is not None and "using 12 x accumulation 2 x update_freq 1" in line
+    # A large card: 48 x update_freq 4 grows to micro-batches of 96 (0.5 GiB a sample: 128 fit), same 192 samples.
+    per_sample["gib"] = 0.5
+    cfg = config("batch_size=48", "update_freq=4", "dynamic_batch_size=true", "max_memory_usage=0.8")
+    line = fit_micro_batch(cfg, None, torch.device("cuda"), gqa)
+    assert (cfg.train.batch_size, cfg.optim.gradient_accumulation_steps, cfg.train.update_freq) == (96, 2, 1)
+    assert line is not None and "takes only" in line
     assert fit_micro_batch(config(), None, torch.device("cuda"), gqa) is None, "off by default"
     cpu = fit_micro_batch(config("dynamic_batch_size=true"), None, torch.device("cpu"), gqa)
     assert cpu is not None and "CPU" in cpu

@@ -150,19 +150,21 @@ def _report(est: MemoryEstimate, device_bytes: int | None, device_source: str, m
         "largest_batch_accumulation": None,
         "recommended_batch": None,
         "recommended_accumulation": None,
+        "recommended_update_freq": None,
         "suggestions": [],
     }
     if device_bytes is None:
         return out
     largest = est.largest_batch(device_bytes, max_batch=batch * cfg.optim.gradient_accumulation_steps)
-    exact = est.largest_exact_batch(device_bytes)
+    fitted = est.fitted_geometry(device_bytes)
     out.update(
         budget_bytes=est.budget(device_bytes),
         fits=est.fits(device_bytes),
         largest_batch=largest,
         largest_batch_accumulation=est.accumulation_for(largest) if largest else None,
-        recommended_batch=exact or None,
-        recommended_accumulation=est.accumulation_for(exact) if exact else None,
+        recommended_batch=fitted.batch_size if fitted else None,
+        recommended_accumulation=fitted.gradient_accumulation_steps if fitted else None,
+        recommended_update_freq=fitted.update_freq if fitted else None,
     )
     if not out["fits"]:
         from isubg.memory import suggestions  # the CLI front door stays torch-free until a command runs
@@ -227,9 +229,12 @@ def _print_verdict(report: dict[str, Any], say: Any) -> None:
             f"{report['largest_batch_accumulation']} keeps at least the effective batch)"
         )
         if exact:
+            # What memory.dynamic_batch_size picks: the largest micro-batch dividing the samples per update,
+            # larger than the configured one when the card has room.
             say(
-                f"Same effective batch exactly: --set batch_size={exact} "
-                f"--set gradient_accumulation_steps={report['recommended_accumulation']}"
+                f"Same effective batch exactly (what memory.dynamic_batch_size picks): --set batch_size={exact} "
+                f"--set gradient_accumulation_steps={report['recommended_accumulation']} "
+                f"--set update_freq={report['recommended_update_freq']}"
             )
     if report["suggestions"]:
         say("Changes that save memory (each re-estimated):")

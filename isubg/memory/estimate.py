@@ -37,6 +37,7 @@ __all__ = [
     "ANSWERS",
     "CUDA_CONTEXT_BYTES",
     "BranchMemory",
+    "Geometry",
     "Linear",
     "MemoryEstimate",
     "WorstCase",
@@ -154,6 +155,19 @@ class BranchMemory:
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """How an optimizer step's samples are split: micro-batch x gradient_accumulation_steps x update_freq."""
+
+    batch_size: int
+    gradient_accumulation_steps: int
+    update_freq: int
+
+    @property
+    def samples_per_update(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps * self.update_freq
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """The memory model of one config (module docstring); every figure in bytes.
 
@@ -234,12 +248,26 @@ class MemoryEstimate:
                 high = mid - 1
         return low
 
-    def largest_exact_batch(self, device_bytes: int, fraction: float | None = None) -> int:
-        """The largest micro-batch that fits and divides batch_size x gradient_accumulation_steps, so that
-        `accumulation_for` keeps the effective batch exactly; 0 when even 1 does not fit."""
-        per_update = self.batch_size * self.cfg.optim.gradient_accumulation_steps
+    def fitted_geometry(self, device_bytes: int, fraction: float | None = None) -> Geometry | None:
+        """The largest micro-batch that fits, with the accumulation that keeps the samples per update exactly.
+
+        Candidates divide the samples per optimizer step, batch_size x gradient_accumulation_steps x
+        update_freq, so the effective batch never changes; the result may be smaller than train.batch_size (it
+        does not fit) or larger (a large card: fewer, larger micro-batches launch fewer kernels). A micro-batch
+        that divides batch_size x gradient_accumulation_steps keeps update_freq; a larger one that divides only
+        the whole update folds update_freq into the accumulation (update_freq 1). None: not even 1 fits.
+        """
+        cfg = self.cfg
+        per_group = self.batch_size * cfg.optim.gradient_accumulation_steps
+        per_update = per_group * cfg.train.update_freq
         limit = self.largest_batch(device_bytes, fraction, max_batch=per_update)
-        return max((d for d in range(1, limit + 1) if per_update % d == 0), default=0)
+        in_group = max((d for d in range(1, min(limit, per_group) + 1) if per_group % d == 0), default=0)
+        in_update = max((d for d in range(1, limit + 1) if per_update % d == 0), default=0)
+        if in_update == 0:
+            return None
+        if in_group >= in_update:
+            return Geometry(in_group, per_group // in_group, cfg.train.update_freq)
+        return Geometry(in_update, per_update // in_update, 1)
 
     def accumulation_for(self, batch: int) -> int:
         """gradient_accumulation_steps at micro-batch `batch` that keeps (at least) the effective batch."""
