@@ -4,11 +4,12 @@ straight-through Gumbel estimator, noise, sample averaging and determinism in ev
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
-from isubg.models.sampler import NodeSampler, sum_of_gamma_noise, topk_per_graph
+from isubg.models.sampler import NodeSampler, graph_sizes, sum_of_gamma_noise, topk_per_graph
 
 
 def _index(sizes: list[int]) -> torch.Tensor:
@@ -179,3 +180,28 @@ def test_rejects_bad_settings() -> None:
         NodeSampler("simple", 2, 1, 1.0, 10.0, 1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k >= 1"):
         NodeSampler("imle", 0, 1, 1.0, 10.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["imle", "gumbel"])
+def test_sampling_issues_no_host_device_sync(kind: str) -> None:
+    # Counted on the CPU: the ops that make a CUDA host wait (.item(), bincount, nonzero, ...). The sampler
+    # ran one per Gamma draw (argument validation) and a bincount per call before.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    syncing = {aten._local_scalar_dense.default, aten.bincount.default, aten.nonzero.default, aten._unique2.default}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Count.n += func in syncing
+            return func(*args, **(kwargs or {}))
+
+    sampler = NodeSampler(kind, k=2, nb_samples=2, alpha=1.0, beta=10.0, tau=1.0).train()
+    theta = torch.randn(9, requires_grad=True)
+    index = _index([4, 3, 2])
+    with Count():
+        sampler(theta, index, 3).sum().backward()
+    assert Count.n == 0
+    assert graph_sizes(index, 4).tolist() == torch.bincount(index, minlength=4).tolist()

@@ -56,7 +56,7 @@ from torch_geometric.utils import softmax as graph_softmax
 from isubg.batch import Batch, DataSpec
 from isubg.config import IsubgConfig, RunConfig
 from isubg.models.common import BranchOutput, Classifier, masked_mean, masked_softmax
-from isubg.models.sampler import NodeSampler
+from isubg.models.sampler import NodeSampler, graph_sizes
 
 __all__ = ["ISubGBranch", "build", "selected_nodes"]
 
@@ -243,7 +243,7 @@ class NodeScorer(nn.Module):
         # The statistics in float32: in bf16 the standardised scores tie, and the sampler's top-k breaks ties
         # arbitrarily.
         raw = self.out(nn.functional.gelu(self.node(h) * self.question(u)[index])).squeeze(-1).float()
-        counts = torch.bincount(index, minlength=num_graphs).clamp_min(1).to(raw.dtype)
+        counts = graph_sizes(index, num_graphs).clamp_min(1).to(raw.dtype)
         mean = raw.new_zeros(num_graphs).index_add_(0, index, raw) / counts
         centred = raw - mean[index]
         var = raw.new_zeros(num_graphs).index_add_(0, index, centred.square()) / counts

@@ -62,12 +62,22 @@ def topk_per_graph(scores: torch.Tensor, index: torch.Tensor, num_graphs: int, k
     # Descending by score, then a stable sort by graph keeps each graph's nodes in score order.
     order = torch.sort(scores.detach(), descending=True, stable=True).indices
     order = order[torch.sort(index[order], stable=True).indices]
-    counts = torch.bincount(index, minlength=num_graphs)
+    counts = graph_sizes(index, num_graphs)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n, device=scores.device) - starts[index[order]]
     keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
     keep[order] = rank < k
     return keep
+
+
+def graph_sizes(index: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """(num_graphs,) int64 node count per graph. index_add_, not bincount: bincount's output size depends on the
+    data, which costs a host-device sync on CUDA.
+
+    Shapes:
+        index: (N,) int64 in [0, num_graphs) -> (num_graphs,).
+    """
+    return torch.zeros(num_graphs, dtype=index.dtype, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 def sum_of_gamma_noise(
@@ -84,7 +94,9 @@ def sum_of_gamma_noise(
     total = torch.zeros_like(concentration)
     for i in range(1, iterations + 1):
         # Gamma(a, rate r) = standard Gamma(a) / r.
-        total = total + torch.distributions.Gamma(concentration, torch.full_like(concentration, i / k)).sample()
+        # validate_args=False: checking the (constant, valid) parameters costs a host-device sync per draw on CUDA.
+        rate = torch.full_like(concentration, i / k)
+        total = total + torch.distributions.Gamma(concentration, rate, validate_args=False).sample()
     return (total - math.log(iterations)) / k
 
 
@@ -156,7 +168,7 @@ def relaxed_topk(logits: torch.Tensor, index: torch.Tensor, num_graphs: int, k: 
     Shapes:
         logits: (N,) float; index: (N,) int64 -> (N,) float in [0, 1] (approximately; sums to k per graph).
     """
-    counts = torch.bincount(index, minlength=num_graphs)
+    counts = graph_sizes(index, num_graphs)
     forced = counts[index] <= k
     w = logits
     relaxed = torch.zeros_like(logits)
