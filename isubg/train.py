@@ -221,7 +221,11 @@ def make_trainer(
         # masks, batches without held-out fusion questions), so DDP must look every time.
         # broadcast_buffers off: every buffer is a constant derived from the data folder (tf-idf matrix, graph
         # word ids), the same on every rank; broadcasting them from rank 0 on each forward only cost bandwidth.
-        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside a bucket copy
+        # of them, so DDP adds no gradient-sized memory (and the memory model needs no term for it).
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=True, broadcast_buffers=False, gradient_as_bucket_view=True
+        )
     return Trainer(
         model, wrapped, optimizers, schedule, scaler, precision, device, cfg.optim.clip_norm, cfg=cfg, procs=procs
     )

@@ -470,4 +470,4 @@ def test_ddp_wraps_without_broadcasting_the_constant_buffers(gqa: Path, monkeypa
 
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
     make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes(rank=0, world=2))
-    assert wrapped == {"find_unused_parameters": True, "broadcast_buffers": False}
+    assert wrapped == {"find_unused_parameters": True, "broadcast_buffers": False, "gradient_as_bucket_view": True}
