@@ -18,6 +18,7 @@ Memory readouts are MiB: CUDA allocator numbers on a GPU, the process's resident
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from collections.abc import Callable
@@ -38,6 +39,7 @@ __all__ = [
     "peak_memory_mib",
     "pick_device",
     "pick_precision",
+    "prefer_expandable_segments",
     "reset_peak_memory",
 ]
 
@@ -93,6 +95,24 @@ class Precision:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+ALLOCATOR_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def prefer_expandable_segments() -> bool:
+    """Ask PyTorch's CUDA caching allocator for expandable segments unless the user configured it.
+
+    Every batch has other box counts and scene-graph sizes, so the allocator's fixed-size blocks fragment and the
+    reserved memory creeps above the allocated peak; expandable segments grow one mapping instead. It must be set
+    before CUDA's first allocation (it has no effect afterwards, e.g. in a process that already used CUDA).
+    Returns whether isubg set it (False: $PYTORCH_CUDA_ALLOC_CONF was already set and is left alone).
+    """
+    if os.environ.get(ALLOCATOR_ENV):
+        return False
+    os.environ[ALLOCATOR_ENV] = EXPANDABLE_SEGMENTS
+    return True
 
 
 def configure_cuda_math(tf32: bool) -> None:

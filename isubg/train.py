@@ -60,7 +60,14 @@ from isubg.checkpoint import (
 from isubg.config import RunConfig
 from isubg.data.dataset import VQADataset
 from isubg.data.loaders import make_batches, open_split
-from isubg.device import Precision, configure_cuda_math, peak_memory_mib, pick_device, pick_precision
+from isubg.device import (
+    Precision,
+    configure_cuda_math,
+    peak_memory_mib,
+    pick_device,
+    pick_precision,
+    prefer_expandable_segments,
+)
 from isubg.errors import ConfigError, ResourceError
 from isubg.evaluate import evaluate
 from isubg.memory import WorstCase, estimate, largest_graph
@@ -560,6 +567,7 @@ def train(
         ConfigError / DataError: bad settings or data, before anything is trained.
     """
     cfg = cfg.model_copy(deep=True)  # dynamic batch sizing may change the micro-batch; the caller's config stays
+    prefer_expandable_segments()  # before CUDA's first allocation
     procs = start_processes(cfg.train.device)
     one_device = procs.world == 1 or cfg.train.device == "cpu" or not torch.cuda.is_available()
     device = pick_device(cfg.train.device if one_device else f"cuda:{procs.local_rank}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -76,3 +77,14 @@ def test_tf32_setting_switches_the_cuda_math_mode() -> None:
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from isubg.device import ALLOCATOR_ENV, prefer_expandable_segments
+
+    monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
+    assert prefer_expandable_segments()
+    assert os.environ[ALLOCATOR_ENV] == "expandable_segments:True"
+    monkeypatch.setenv(ALLOCATOR_ENV, "max_split_size_mb:128")
+    assert not prefer_expandable_segments()
+    assert os.environ[ALLOCATOR_ENV] == "max_split_size_mb:128"
