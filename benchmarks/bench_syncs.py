@@ -27,7 +27,7 @@ from isubg.data.loaders import make_batches, open_split
 from isubg.device import Precision
 from isubg.models import build_model
 from isubg.resolve import resolve_config
-from isubg.step import apply_update, forward_backward, make_stepper
+from isubg.step import apply_update, forward_backward, make_stepper, read_losses
 
 aten = torch.ops.aten
 SYNCING = {
@@ -74,9 +74,9 @@ def count(preset: str, micro_batches: int, sets: list[str]) -> tuple[Counter[str
     forward_backward(stepper, batches[0], 1.0)
     apply_update(stepper)
     counter = SyncCounter()
-    with counter:
-        for batch in batches[1:]:
-            forward_backward(stepper, batch, 1.0 / (len(batches) - 1))
+    with counter:  # as the trainer steps: the group's losses are read once, then the update
+        losses = [forward_backward(stepper, batch, 1.0 / (len(batches) - 1)) for batch in batches[1:]]
+        read_losses(losses)
         apply_update(stepper)
     return counter.counts, len(batches) - 1
 

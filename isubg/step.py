@@ -36,6 +36,7 @@ __all__ = [
     "forward_backward",
     "make_optimizers",
     "make_stepper",
+    "read_losses",
     "train_step",
 ]
 
@@ -137,7 +138,9 @@ def forward_backward(s: Stepper, batch: Batch, scale: float, sync: bool = True) 
     """Forward and backward of one micro-batch; the loss is multiplied by `scale` before backward.
 
     Under DDP, `sync=False` skips the gradient all-reduce (every micro-batch of a group but the last).
-    Returns the unscaled loss (nan when it is not finite; backward still runs so DDP ranks stay in step).
+    Returns the unscaled loss as a detached 0-d tensor on the device, not a float: reading it is a host-device
+    sync on CUDA, so callers read a whole accumulation group's losses at once (`read_losses`). A non-finite loss
+    still runs backward, so DDP ranks stay in step.
     """
     batch = batch.to(s.device, non_blocking=True)
     ddp = isinstance(s.wrapped, nn.parallel.DistributedDataParallel)
@@ -146,8 +149,14 @@ def forward_backward(s: Stepper, batch: Batch, scale: float, sync: bool = True) 
             output = s.wrapped(batch)
         loss, _parts = s.model.loss(output, batch.targets, batch.question_ids)
         s.scaler.scale(loss * scale).backward()
-    value = loss.item()
-    return value if math.isfinite(value) else math.nan
+    return loss.detach()
+
+
+def read_losses(losses: Sequence[torch.Tensor]) -> list[float]:
+    """The values of `forward_backward`'s losses, in one host-device sync; nan for each non-finite one."""
+    if not losses:
+        return []
+    return [v if math.isfinite(v) else math.nan for v in torch.stack([x.float() for x in losses]).tolist()]
 
 
 def apply_update(s: Stepper) -> tuple[float, bool]:
@@ -182,4 +191,4 @@ def train_step(s: Stepper, micro_batches: Sequence[Batch]) -> tuple[list[float],
         for i, batch in enumerate(micro_batches)
     ]
     norm, _stepped = apply_update(s)
-    return losses, norm
+    return read_losses(losses), norm

@@ -76,7 +76,7 @@ from isubg.models import build_model, parameter_counts
 from isubg.models.fusion import FusedModel
 from isubg.resolve import dump_config
 from isubg.runlog import TrainResult, TrainUI
-from isubg.step import Stepper, apply_update, forward_backward, make_optimizers
+from isubg.step import Stepper, apply_update, forward_backward, make_optimizers, read_losses
 
 __all__ = ["EpochHook", "TrainResult", "ban_multiplier", "seed_everything", "train"]
 
@@ -436,7 +436,8 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
     group = cfg.train.update_freq * cfg.optim.gradient_accumulation_steps
     total = prog.batch + len(loader)  # micro-batches in the whole epoch
     t.model.train()
-    losses: list[float] = []
+    losses: list[float] = []  # read once per accumulation group (one host-device sync), not per micro-batch
+    pending: list[tuple[torch.Tensor, int]] = []  # (loss, samples) of the group's micro-batches so far
     samples, started = 0, time.perf_counter()
     window = (0, 0, started)  # (micro-batches, first loss index, time) since the last step record
 
@@ -451,7 +452,7 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
         last_of_group = prog.batch - group_start == in_group - 1
         oom = False
         try:
-            losses.append(forward_backward(t, batch, 1.0 / in_group, sync=last_of_group))
+            pending.append((forward_backward(t, batch, 1.0 / in_group, sync=last_of_group), len(batch)))
         except torch.OutOfMemoryError:
             oom = True
         if oom:  # handled outside the except block, whose traceback holds the failed step's graph and batch
@@ -460,10 +461,14 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
             return outcome("oom", f"out of memory at micro-batch size {cfg.train.batch_size}")
         samples += len(batch) * t.procs.world
         prog.batch += 1
-        ui.advance(losses[-1], len(batch) * t.procs.world)
         if not last_of_group:
             continue
-        bad_loss, interrupted = _any_rank(t, math.isnan(sum(losses[-in_group:])), bool(stop))
+        group_losses = read_losses([loss for loss, _ in pending])
+        for value, (_, size) in zip(group_losses, pending, strict=True):
+            ui.advance(value, size * t.procs.world)
+        losses += group_losses
+        pending.clear()
+        bad_loss, interrupted = _any_rank(t, math.isnan(sum(group_losses)), bool(stop))
         if bad_loss:
             return outcome("diverged", f"the loss became nan/inf at step {prog.step + 1} (epoch {prog.epoch + 1})")
         norm, stepped = _update(t)
