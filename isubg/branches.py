@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BRANCHES", "BranchSpec", "branch_names", "register_branch"]
+__all__ = ["ACCURACY_COLUMNS", "BRANCHES", "BranchSpec", "branch_names", "register_branch"]
 
 OptimizerFamily = Literal["adamax", "adamw"]
 
@@ -81,3 +81,7 @@ register_branch(BranchSpec(
     weight_decay_field="optim.xvlm_weight_decay",
     summary="X-VLM: text and cross-attention transformer over box regions or image patches",
 ))  # fmt: skip
+
+# The validation accuracies a run reports, in display order: each branch, the fused model, "ens" and "bound"
+# (isubg.evaluate); logs and reports list them in this order.
+ACCURACY_COLUMNS: tuple[str, ...] = (*BRANCHES, "fused", "ens", "bound")

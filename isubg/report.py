@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isubg.branches import BRANCHES
+from isubg.branches import ACCURACY_COLUMNS
 from isubg.errors import DataError
 
 __all__ = [
-    "ACC_ORDER",
     "PLOT_NAMES",
     "RunMetrics",
     "best_epoch",
@@ -45,9 +44,8 @@ __all__ = [
 ]
 
 # Accuracy keys in display order; names not listed here (a future branch) follow in order of appearance.
-ACC_ORDER = (*BRANCHES, "fused", "ens", "bound")
 # "bound" (oracle: any branch right) sits near 100% and would flatten the curves that matter.
-_PLOTTED_ACC = (*BRANCHES, "fused", "ens")
+_PLOTTED_ACC = tuple(n for n in ACCURACY_COLUMNS if n != "bound")
 PLOT_NAMES = ("loss.png", "accuracy.png", "throughput.png", "memory.png")
 
 # Numeric fields per event: checked on read so a bad value is reported with its file:line, not as a crash later.
@@ -93,13 +91,13 @@ class RunMetrics:
         return self.path.parent
 
     def acc_names(self) -> list[str]:
-        """Every validation accuracy key seen in any epoch, in display order (ACC_ORDER first)."""
+        """Every validation accuracy key seen in any epoch, in display order (ACCURACY_COLUMNS first)."""
         seen: list[str] = []
         for record in self.epochs:
             for name in record.get("val_acc") or {}:
                 if name not in seen:
                     seen.append(name)
-        return [n for n in ACC_ORDER if n in seen] + [n for n in seen if n not in ACC_ORDER]
+        return [n for n in ACCURACY_COLUMNS if n in seen] + [n for n in seen if n not in ACCURACY_COLUMNS]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,7 +426,7 @@ def _draw_loss(ax: Any, metrics: RunMetrics) -> None:
 
 
 def _draw_accuracy(ax: Any, metrics: RunMetrics) -> None:
-    names = [n for n in metrics.acc_names() if n in _PLOTTED_ACC or n not in ACC_ORDER]
+    names = [n for n in metrics.acc_names() if n in _PLOTTED_ACC or n not in ACCURACY_COLUMNS]
     drawn = False
     for name in names:
         accuracies = [{"epoch": r["epoch"], "acc": (r.get("val_acc") or {}).get(name)} for r in metrics.epochs]

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from isubg.branches import BRANCHES
+from isubg.branches import ACCURACY_COLUMNS
 from isubg.config import RunConfig
 from isubg.console import err_console
 from isubg.data.files import write_json_atomic
@@ -37,8 +37,6 @@ from isubg.data.prepare import describe_sources, read_manifest
 from isubg.device import Precision, memory_mib, peak_memory_mib
 
 __all__ = ["TrainResult", "TrainUI", "pct"]
-
-_ACC_ORDER = (*BRANCHES, "fused", "ens", "bound")
 
 
 def pct(value: float | None) -> str:
@@ -207,7 +205,7 @@ class TrainUI:
             "epoch", epoch=epoch, step=step, train_loss=loss, val_acc=val, score=val.get("fused"), best=best,
             epoch_time_s=seconds, samples_per_s=rate, peak_memory_mib=peak,
         )  # fmt: skip
-        accs = "  ".join(f"{k} {pct(val[k])}" for k in _ACC_ORDER if k in val)
+        accs = "  ".join(f"{k} {pct(val[k])}" for k in ACCURACY_COLUMNS if k in val)
         mark = " *best" if best else ""
         self.log(
             f"epoch {epoch}/{epochs}  loss {loss:.4f}  val% {accs}{mark}  "
@@ -266,7 +264,7 @@ class TrainUI:
                 continue
             if record.get("event") == "epoch":
                 epochs[record["epoch"]] = record
-        names = [k for k in _ACC_ORDER if any(k in (r.get("val_acc") or {}) for r in epochs.values())]
+        names = [k for k in ACCURACY_COLUMNS if any(k in (r.get("val_acc") or {}) for r in epochs.values())]
         table = Table(title="epochs (validation accuracy %; * = best)")
         for column in ("epoch", "train loss", *names, "time s", "samples/s", "peak MiB"):
             table.add_column(column, justify="right")

@@ -134,7 +134,7 @@ def make_stepper(cfg: RunConfig, model: FusedModel, device: torch.device, precis
     return Stepper(model, model, make_optimizers(cfg, model), None, scaler, precision, device, cfg.optim.clip_norm)
 
 
-def forward_backward(s: Stepper, batch: Batch, scale: float, sync: bool = True) -> float:
+def forward_backward(s: Stepper, batch: Batch, scale: float, sync: bool = True) -> torch.Tensor:
     """Forward and backward of one micro-batch; the loss is multiplied by `scale` before backward.
 
     Under DDP, `sync=False` skips the gradient all-reduce (every micro-batch of a group but the last).

@@ -362,11 +362,7 @@ def out_of_memory(t: Trainer) -> None:
             distributed (every rank would have to agree on the new size mid-step).
     """
     cfg = t.cfg
-    for opt in t.optimizers:
-        opt.zero_grad(set_to_none=True)
-    gc.collect()
-    if t.device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free_memory(t)
     if not cfg.memory.dynamic_batch_size or cfg.train.batch_size == 1 or t.procs.world > 1:
         why = (
             "memory.dynamic_batch_size is off" if not cfg.memory.dynamic_batch_size
@@ -380,6 +376,15 @@ def out_of_memory(t: Trainer) -> None:
         )
 
 
+def _free_memory(t: Trainer) -> None:
+    """Drop the gradients and return the cached device memory (after an out-of-memory error, once released)."""
+    for opt in t.optimizers:
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if t.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _update(t: Trainer) -> tuple[float, bool]:
     """`apply_update`, with an out-of-memory error in the optimizer step turned into a clear one.
 
@@ -387,16 +392,11 @@ def _update(t: Trainer) -> tuple[float, bool]:
         ResourceError: the optimizer step ran out of memory. A smaller micro-batch cannot help (the activations
             are freed by then; the step needs the weights, gradients, optimizer states and foreach's copies).
     """
-    oom = False
     try:
         return apply_update(t)
     except torch.OutOfMemoryError:
-        oom = True
-    if oom:  # outside the except block, so the traceback's references are gone before memory is freed
-        for opt in t.optimizers:
-            opt.zero_grad(set_to_none=True)
-        if t.device.type == "cuda":
-            torch.cuda.empty_cache()
+        pass  # handled below, outside the except block, whose traceback holds the step's tensors
+    _free_memory(t)
     raise ResourceError(
         f"out of {t.device.type.upper()} memory in the optimizer step (step {t.progress.step + 1}): the weights, "
         "gradients and optimizer states do not fit, whatever the micro-batch. Use a smaller model (--preset "

@@ -385,6 +385,7 @@ def check_throughput(c: Check) -> dict[str, Any]:
     from isubg.device import Precision, configure_cuda_math
     from isubg.memory import WorstCase, synthetic_spec, worst_case_batch
     from isubg.models import build_model
+    from isubg.models.common import parameter_count
     from isubg.step import make_stepper
 
     preset = "demo" if c.dry else "default"
@@ -406,7 +407,7 @@ def check_throughput(c: Check) -> dict[str, Any]:
             configure_cuda_math(tf32)
         torch.manual_seed(0)
         model = build_model(cfg, spec).to(c.device).train()
-        image_res = getattr(model.branch("xvlm"), "image_res", None) if "xvlm" in model.branches else None
+        image_res = getattr(model.branch("xvlm"), "image_res", None)  # pixels only for an X-VLM image encoder
         batch = worst_case_batch(spec, worst, batch_size, image_res=image_res).to(c.device)
         stepper = make_stepper(cfg, model, c.device, Precision(dtype, False, name))
         times = _time_steps(c, stepper, batch, warmup, steps)
@@ -429,7 +430,7 @@ def check_throughput(c: Check) -> dict[str, Any]:
             gc.collect()
     if c.device.type == "cuda":
         configure_cuda_math(cfg.train.tf32)
-        r["param_count"] = sum(p.numel() for p in c.stepper.model.parameters())
+        r["param_count"] = parameter_count(c.stepper.model, trainable_only=False)
     r["demand_samples_per_s"] = c.demand
     return r
 
