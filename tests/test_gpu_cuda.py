@@ -6,6 +6,7 @@ logic behind each (precision choice, OOM recovery, checkpoint layout) is also te
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from test_train import config, read_metrics, run
 
 from isubg.checkpoint import load_checkpoint
 from isubg.device import Precision, pick_device, pick_precision
+from isubg.memory.measure import cuda_autocast_rule
 
 pytestmark = pytest.mark.gpu
 
@@ -65,3 +67,28 @@ def test_peak_memory_is_the_cuda_allocators(gqa: Path, tmp_path: Path) -> None:
     torch.cuda.reset_peak_memory_stats()
     result = run(config("train.device=cuda"), tmp_path / "run", gqa)
     assert 0 < result.peak_memory_mib <= torch.cuda.get_device_properties(0).total_memory / 2**20
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w: x.softmax(-1),
+        lambda x, w: torch.nn.functional.layer_norm(x, (x.shape[-1],)),
+        lambda x, w: x.sum(-1),
+        lambda x, w: torch.exp(x),
+        lambda x, w: torch.nn.functional.log_softmax(x, -1),
+        lambda x, w: torch.nn.functional.binary_cross_entropy_with_logits(x, torch.ones_like(x)),
+        lambda x, w: x @ w,
+        lambda x, w: torch.nn.functional.linear(x, w),
+        lambda x, w: torch.sigmoid(x),
+    ],
+    ids=["softmax", "layer_norm", "sum", "exp", "log_softmax", "bce_logits", "matmul", "linear", "sigmoid"],
+)
+def test_cpu_measurement_follows_cuda_autocast_dtypes(op: Callable[..., torch.Tensor]) -> None:
+    """The memory measurement's CPU rule (cuda_autocast_rule) gives each op the output dtype CUDA autocast does."""
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, 8)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        on_cuda = op(x.cuda(), w.cuda()).dtype
+    with cuda_autocast_rule(), torch.autocast("cpu", dtype=torch.bfloat16):
+        on_cpu = op(x, w).dtype
+    assert on_cpu == on_cuda

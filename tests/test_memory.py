@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ from isubg.memory import (
     batch_tensors,
     estimate,
     largest_graph,
+    measure,
     measure_peak_cuda,
     suggestions,
     synthetic_spec,
     worst_case_batch,
 )
+from isubg.memory.measure import CUDA_FP32_OPS, cuda_autocast_rule
 from isubg.models import build_model
 from isubg.resolve import resolve_config
 
@@ -84,7 +87,7 @@ def saved_per_owner(cfg: RunConfig, batch_size: int) -> dict[str, int]:
         handles.append(branch.register_forward_pre_hook(lambda *_, n=name: owner.__setitem__(0, n)))
         handles.append(branch.register_forward_hook(lambda *_: owner.__setitem__(0, "fusion")))
     dtype = torch.bfloat16 if cfg.memory.mixed_precision else None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with cuda_autocast_rule(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             out = model(batch)
         model.loss(out, batch.targets)
@@ -113,6 +116,59 @@ def test_activation_estimate_within_5_percent_of_measurement(branches: str, vari
         else:
             assert want > 0 and abs(got - want) <= 0.05 * want, (part.name, got, want)
     assert abs(est.activations(4) - sum(measured.values())) <= 0.05 * sum(measured.values())
+
+
+class _NormSoftmax(torch.nn.Module):
+    """linear -> layer_norm -> softmax -> linear: CUDA autocast saves the middle two in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.norm(self.a(x)).softmax(-1)).sum()
+
+
+def _saved_activation_dtypes(rule: bool) -> list[torch.dtype]:
+    """Dtypes of the 3 x 16 activations saved in a forward (layer_norm input, softmax output, ...)."""
+    model, saved = _NormSoftmax(), []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.shape == (3, 16):
+            saved.append(t.dtype)
+        return t
+
+    context = cuda_autocast_rule() if rule else contextlib.nullcontext()
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with context, hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(3, 8))
+    return saved
+
+
+def test_cuda_autocast_rule_runs_cuda_float32_ops_in_float32_on_the_cpu() -> None:
+    # CPU autocast alone keeps layer_norm and softmax in bf16 after a bf16 linear; CUDA's rule saves float32
+    plain, rule = _saved_activation_dtypes(False), _saved_activation_dtypes(True)
+    assert set(plain) == {torch.bfloat16}
+    # the layer_norm input and the softmax output (linear b still saves its input's bf16 copy, as on CUDA)
+    assert rule.count(torch.float32) >= 2 and torch.bfloat16 in rule
+    assert {"softmax", "layer_norm", "sum", "exp", "log_softmax", "cross_entropy"} <= CUDA_FP32_OPS
+    x = torch.randn(4, 4, dtype=torch.bfloat16)
+    with cuda_autocast_rule():
+        assert x.softmax(-1).dtype == torch.bfloat16  # outside autocast nothing changes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert x.softmax(-1).dtype == torch.float32 and torch.exp(x).dtype == torch.float32
+            assert (x @ x).dtype == torch.bfloat16  # matrix products stay low precision
+            with torch.autocast("cpu", enabled=False):
+                assert x.sum().dtype == torch.bfloat16  # where the model turns autocast off
+
+
+def test_mixed_precision_estimate_counts_float32_softmax_and_layer_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cfrf's AoA attention maps and layer norms: CUDA's rule makes their saved tensors larger
+    cfg = tiny_config("model.branches=[cfrf]", *VARIANTS["mixed"])
+    with_rule = estimate(cfg, spec_for(cfg), WORST).branches[0].activations.per_sample
+    monkeypatch.setattr(measure, "cuda_autocast_rule", contextlib.nullcontext)  # plain CPU autocast
+    cpu_only = estimate(cfg, spec_for(cfg), WORST).branches[0].activations.per_sample
+    assert with_rule > 1.02 * cpu_only, (with_rule, cpu_only)  # +4% here; the 8gb preset's cfrf +9.5%
 
 
 def test_shapes_only_pass_counts_exactly_what_a_computed_pass_saves() -> None:

@@ -12,8 +12,11 @@ checkpoint to measure the largest segment.
 
 The passes run on the CPU with real tensors; matrix products return zeros of the right shape instead of
 computing (saved bytes depend on shapes, not values; a test checks the counts equal a fully computed run).
-CPU autocast keeps a few ops in a different precision than CUDA autocast, and CUDA kernels (cuDNN GRU, flash
-attention) save slightly different buffers; `isubg.memory.cuda.measure_peak_cuda` measures the real peak.
+CPU autocast keeps a few ops in another precision than CUDA autocast: CUDA runs softmax, layer_norm, sum, exp,
+the losses and the other ops of CUDA_FP32_OPS in float32 (their outputs, and the float32 copies of their inputs,
+are what backward saves), CPU keeps them in bf16. The passes on the CPU apply CUDA's rule (`cuda_autocast_rule`),
+since the estimate sizes a GPU. CUDA kernels (cuDNN GRU, flash attention) still save slightly different buffers;
+`isubg.memory.cuda.measure_peak_cuda` measures the real peak.
 
 This is the only module of isubg that relies on private or unstable torch APIs, listed in PRIVATE_TORCH_APIS.
 They were checked on torch TESTED_TORCH (hence the `torch<2.14` pin in pyproject.toml); `check_torch()` warns
@@ -44,15 +47,38 @@ from isubg.memory.inputs import batch_tensors, synthetic_spec, worst_case_batch
 from isubg.models import build_model
 from isubg.models.fusion import FusedModel
 
-__all__ = ["PRIVATE_TORCH_APIS", "TESTED_TORCH", "build_for_measure", "check_torch", "estimate", "measure_model"]
+__all__ = [
+    "CUDA_FP32_OPS",
+    "PRIVATE_TORCH_APIS",
+    "TESTED_TORCH",
+    "build_for_measure",
+    "check_torch",
+    "cuda_autocast_rule",
+    "estimate",
+    "measure_model",
+]
 
 TESTED_TORCH = "2.13"  # the torch release (major.minor) these measurements were checked on; pyproject pins <2.14
 # The private or unstable torch APIs this module uses: (where, name).
 PRIVATE_TORCH_APIS: tuple[tuple[str, str], ...] = (
     ("torch._C._autograd", "_top_saved_tensors_default_hooks"),  # is a checkpoint's pack hook active?
     ("torch.utils._python_dispatch", "TorchDispatchMode"),  # matrix products return zeros of their shape
-    ("torch.overrides", "TorchFunctionMode"),  # random initialisation becomes zeros
+    ("torch.overrides", "TorchFunctionMode"),  # random initialisation becomes zeros; CUDA's float32 ops
 )
+# The ops CUDA autocast runs in float32 whatever their input dtype (torch's autocast op reference, "CUDA Ops
+# that can autocast to float32"), by the Python name they are called by; CPU autocast runs most of them in the
+# input's dtype (bf16 after a bf16 matrix product).
+CUDA_FP32_OPS: frozenset[str] = frozenset(
+    {
+        "__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "binary_cross_entropy_with_logits",
+        "cosh", "cosine_embedding_loss", "cdist", "cosine_similarity", "cross_entropy", "cumprod", "cumsum",
+        "dist", "erfinv", "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss",
+        "layer_norm", "log", "log_softmax", "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss",
+        "multilabel_margin_loss", "multi_margin_loss", "nll_loss", "norm", "normalize", "pdist",
+        "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh", "smooth_l1_loss", "soft_margin_loss",
+        "softmax", "softmin", "softplus", "sum", "renorm", "tan", "triplet_margin_loss",
+    }
+)  # fmt: skip
 
 
 def check_torch(version: str | None = None) -> None:
@@ -269,7 +295,9 @@ def _measure_pass(model: nn.Module, batch: Batch, dtype: torch.dtype | None) -> 
     meter, mode = _Meter(exclude), _shapes_only(weights)
     device_type = batch.features.device.type
     autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
-    with mode, meter.hooks(model):
+    # the estimate sizes a GPU: on the CPU, autocast follows CUDA's float32 rule (module docstring)
+    rule = cuda_autocast_rule() if device_type == "cpu" else contextlib.nullcontext()
+    with rule, mode, meter.hooks(model):
         with autocast:
             output = model(batch)
         loss, _ = model.loss(output, batch.targets)
@@ -279,7 +307,9 @@ def _measure_pass(model: nn.Module, batch: Batch, dtype: torch.dtype | None) -> 
     counted = exclude | set(meter.seen)
     for owner, module, args, kwargs in meter.segments:
         segment = _Meter(counted)
-        with _shapes_only(weights), autocast, torch.autograd.graph.saved_tensors_hooks(segment.pack, _unpack):
+        hooks = torch.autograd.graph.saved_tensors_hooks(segment.pack, _unpack)
+        rule = cuda_autocast_rule() if device_type == "cpu" else contextlib.nullcontext()
+        with rule, _shapes_only(weights), autocast, hooks:
             module.forward(*args, **kwargs)
         recompute[owner] = max(recompute.get(owner, 0), segment.total())
     cached = sum(n for ptr, n in mode.casts.items() if ptr not in meter.seen)
@@ -325,6 +355,41 @@ def _shapes_only_class() -> type:
             return out
 
     return ShapesOnly
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _to_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dtype in _LOW_PRECISION:
+        return value.float()
+    return value
+
+
+@cache
+def _cuda_autocast_class() -> type:
+    """The torch-function mode behind `cuda_autocast_rule` (built once)."""
+
+    class CudaAutocastRule(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in CUDA_FP32_OPS and torch.is_autocast_enabled("cpu"):
+                args = tuple(_to_float32(a) for a in args)
+                kwargs = {k: _to_float32(v) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+
+    return CudaAutocastRule
+
+
+def cuda_autocast_rule() -> Any:
+    """A context in which CPU autocast regions run CUDA_FP32_OPS in float32, as CUDA autocast does.
+
+    Inside an enabled CPU autocast region, a call of one of those ops gets its bf16/fp16 tensor arguments cast
+    to float32 first, so it computes (and autograd saves) what it would on a GPU; outside autocast, or where the
+    model turns autocast off, nothing changes. tests/test_gpu_cuda.py compares the output dtypes with real CUDA
+    autocast.
+    """
+    return _cuda_autocast_class()()
 
 
 def _shapes_only(weights: set[int]) -> Any:
