@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from isubg.config import checkpoint_interval
 from isubg.errors import DataError
 
 __all__ = [
     "CHECKPOINT_VERSION",
+    "CheckpointClock",
     "find_checkpoint",
     "load_checkpoint",
     "rng_state",
@@ -166,3 +168,25 @@ def vocab_checksum(folder: Path) -> str:
     for name in ("dictionary.json", "answers.json"):
         digest.update((Path(folder) / name).read_bytes())
     return digest.hexdigest()
+
+
+class CheckpointClock:
+    """When the next mid-epoch checkpoint is due (train.checkpoint_every).
+
+    Due once `updates` optimizer updates or `seconds` of wall time have passed since the last save of any kind
+    (mid-epoch, end of epoch or resume); never when the setting is off. Times are `time.monotonic()` values.
+    """
+
+    def __init__(self, every: int | str | None, step: int, now: float) -> None:
+        self.updates, self.seconds = checkpoint_interval(every)
+        self.saved(step, now)
+
+    def due(self, step: int, now: float) -> bool:
+        """Whether a checkpoint is due once optimizer update `step` is done."""
+        if self.updates is not None:
+            return step - self._step >= self.updates
+        return self.seconds is not None and now - self._time >= self.seconds
+
+    def saved(self, step: int, now: float) -> None:
+        """A checkpoint holding `step` updates was just written."""
+        self._step, self._time = step, now

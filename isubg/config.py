@@ -12,6 +12,7 @@ Field metadata lives in `json_schema_extra`:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigWarning",
     "ParamSpec",
     "RunConfig",
+    "checkpoint_interval",
     "config_diff",
     "config_warnings",
     "default_config",
@@ -74,6 +76,32 @@ def _upper(value: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_reject_bool)]
 Float = Annotated[float, BeforeValidator(_reject_bool)]
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|min|m|h)\s*$", re.IGNORECASE)
+_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def checkpoint_interval(value: int | str | None) -> tuple[int | None, float | None]:
+    """train.checkpoint_every as (optimizer updates, seconds), at most one of them set; (None, None): off.
+
+    Raises:
+        ValueError: not a positive number of updates, a duration like '15min', 'off' or None.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None, None
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        updates = int(value)
+        if updates < 1:
+            raise ValueError(f"checkpoint_every must be at least 1 update, got {updates}")
+        return updates, None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"checkpoint_every: expected a number of updates (500), a duration ('30s', '15min', '2h') or 'off', "
+            f"got {value!r}"
+        )
+    return None, float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
 def _p(
@@ -320,11 +348,40 @@ class TrainConfig(_Section):
         "auto", "Device: auto (CUDA if present, else CPU), cpu, cuda or cuda:N.", pattern=r"^(auto|cpu|cuda(:\d+)?)$"
     )
     log_every: Int = _p(10, "Optimizer steps between metric lines in metrics.jsonl.", ge=1)
+    checkpoint_every: Int | str | None = _p(
+        "15min",
+        "Mid-epoch checkpoints: overwrite checkpoints/last.pt with the exact resumable state every N optimizer "
+        "updates (a number) or every so much training time ('30s', '15min', '2h'); 'off' or null: at epoch ends "
+        "and on SIGINT/SIGTERM only. A kill -9 or a lost node then costs at most this much work.",
+    )
+    loggers: list[Literal["jsonl", "tensorboard"]] = _p(
+        ["jsonl"],
+        "Where metrics go: jsonl (metrics.jsonl, which isubg report and resume read; always on) and optionally "
+        "tensorboard (scalars under <run>/tensorboard; needs the tensorboard package: pip install "
+        "'isubg[tensorboard]').",
+    )
     tf32: bool = _p(
         True,
         "On CUDA (Ampere and newer), float32 matrix products and convolutions use TF32 tensor cores: 10-bit "
         "mantissa products, float32 accumulation, several times faster; false: full float32. CPU runs ignore it.",
     )
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _checkpoint_every(cls, value: Any) -> Any:
+        if value is False:  # YAML reads a bare `off` as false
+            return None
+        checkpoint_interval(_reject_bool(value))  # raises ValueError with the accepted forms
+        return None if isinstance(value, str) and value.strip().lower() == "off" else value
+
+    @field_validator("loggers")
+    @classmethod
+    def _jsonl_logger_kept(cls, value: list[str]) -> list[str]:
+        if "jsonl" not in value:
+            raise ValueError("'jsonl' must stay in train.loggers: isubg report, resume and tune read metrics.jsonl")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a logger is listed twice: {value}")
+        return value
 
 
 class OptimConfig(_Section):
@@ -515,7 +572,9 @@ def _type_words(annotation: Any) -> str:
         return "a list drawn from " + _type_words(get_args(annotation)[0]).removeprefix("one of ")
     args = [a for a in get_args(annotation) if a is not type(None)]
     if args and len(args) < len(get_args(annotation)):  # Optional[...]
-        return _type_words(args[0]) + " or null"
+        return " or ".join(_type_words(a) for a in args) + " or null"
+    if len(args) > 1:  # a union: Int | str
+        return " or ".join(_type_words(a) for a in args)
     names = {bool: "true/false (also yes/no, 1/0)", int: "an integer", float: "a number", str: "text", Path: "a path"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 

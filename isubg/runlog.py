@@ -9,10 +9,14 @@
             grad_norm
     epoch   epoch (1-based), step, train_loss, val_acc {branch..., fused, ens, bound}, score (fused), best,
             epoch_time_s, samples_per_s, peak_memory_mib
+    checkpoint  step, epoch (1-based), batch (micro-batches done in it): a mid-epoch last.pt
+                (train.checkpoint_every)
+    oom     step, epoch, batch_size, gradient_accumulation_steps (the micro-batch was halved)
     resume  step, epoch (a resumed run appends to the same file; later records win)
     end     status (finished | early_stopped | interrupted | diverged | pruned), message, best_epoch, best_score,
             steps, elapsed_s, peak_memory_mib, majority_baseline
 
+Records go to every logger of train.loggers (isubg.loggers: metrics.jsonl always, TensorBoard optionally).
 Only the main process (rank 0) writes or prints; elsewhere every method is a no-op.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +40,7 @@ from isubg.console import err_console
 from isubg.data.files import write_json_atomic
 from isubg.data.prepare import describe_sources, read_manifest
 from isubg.device import Precision, memory_mib, peak_memory_mib
+from isubg.loggers import MetricLogger, open_loggers
 
 __all__ = ["TrainResult", "TrainUI", "pct"]
 
@@ -63,30 +69,40 @@ class TrainResult:
 class TrainUI:
     """The run's console output and files (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, main: bool, console: Console | None, *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        main: bool,
+        console: Console | None,
+        *,
+        resume: bool = False,
+        loggers: Sequence[str] = ("jsonl",),
+    ) -> None:
+        """Opens the run's files on the main process: train.log and the loggers (`loggers`, train.loggers).
+
+        Raises:
+            ConfigError: a logger's optional dependency is missing.
+        """
         self.main, self.run_dir = main, Path(run_dir)
         self.console = console or err_console()
         self.progress: Progress | None = None
         self._task: Any = None
         self._losses: list[float] = []
-        self._metrics: TextIO | None = None
+        self._loggers: list[MetricLogger] = []
         self._log: TextIO | None = None
         self._device: Any = None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._loggers = open_loggers(loggers, self.run_dir)
             self._log = open(self.run_dir / "train.log", "a", encoding="utf-8")  # noqa: SIM115
         self.resume = resume
 
     # -- files ---------------------------------------------------------------------------------------------
 
     def record(self, event: str, **fields: Any) -> None:
-        """Append one metrics.jsonl record (flushed at once, so a crash loses nothing already shown)."""
-        if self._metrics is None:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
-        self._metrics.write(json.dumps({"event": event, **clean}) + "\n")
-        self._metrics.flush()
+        """Hand one record to every logger (metrics.jsonl flushes it at once: a crash loses nothing shown)."""
+        for logger in self._loggers:
+            logger.write(event, fields)
 
     def log(self, message: str, *, show: bool = True) -> None:
         """A timestamped train.log line, also printed unless `show` is false."""
@@ -250,9 +266,10 @@ class TrainUI:
             f"{pct(result.baseline)}%; {result.steps} steps in {result.elapsed_s:.0f}s, peak memory "
             f"{result.peak_memory_mib:.0f} MiB; checkpoints in {self.run_dir / 'checkpoints'}"
         )
-        for handle in (self._metrics, self._log):
-            if handle is not None:
-                handle.close()
+        for logger in self._loggers:
+            logger.close()
+        if self._log is not None:
+            self._log.close()
 
     def _epoch_table(self) -> Table:
         """Every epoch of the run so far (from metrics.jsonl, so a resumed run shows its earlier epochs too)."""

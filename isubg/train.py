@@ -21,6 +21,8 @@
 7. SIGINT/SIGTERM: finish the current update, save `last.pt` with the position inside the epoch, exit.
    `resume=True` restores everything (weights, optimizers, schedule, scaler, RNG, position), so an
    interrupted and resumed run ends with the same weights as one that was never interrupted.
+   The same mid-epoch `last.pt` is written every `train.checkpoint_every` updates or minutes, so a kill -9 or
+   a lost node costs at most that much work.
 
 Only rank 0 writes files and prints; metrics are reduced across ranks.
 """
@@ -50,6 +52,7 @@ from torch.utils.data import DataLoader
 
 from isubg.checkpoint import (
     CHECKPOINT_VERSION,
+    CheckpointClock,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -430,8 +433,27 @@ class EpochOutcome:
     message: str = ""
 
 
-def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, stop_after: int | None) -> EpochOutcome:
-    """Train on the rest of the current epoch (from `t.progress.batch`), one accumulation group at a time."""
+@dataclass
+class Periodic:
+    """Mid-epoch checkpoints: when (train.checkpoint_every) and how (the same last.pt a signal writes)."""
+
+    clock: CheckpointClock
+    save: Callable[[], None]
+
+
+def train_epoch(
+    t: Trainer,
+    loader: DataLoader,
+    ui: TrainUI,
+    stop: StopFlag,
+    stop_after: int | None,
+    periodic: Periodic,
+) -> EpochOutcome:
+    """Train on the rest of the current epoch (from `t.progress.batch`), one accumulation group at a time.
+
+    After an update, `periodic` writes last.pt when train.checkpoint_every says so (all ranks decide together,
+    in the same collective as the NaN and signal checks).
+    """
     cfg, prog = t.cfg, t.progress
     group = cfg.train.update_freq * cfg.optim.gradient_accumulation_steps
     total = prog.batch + len(loader)  # micro-batches in the whole epoch
@@ -468,7 +490,8 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
             ui.advance(value, size * t.procs.world)
         losses += group_losses
         pending.clear()
-        bad_loss, interrupted = _any_rank(t, math.isnan(sum(group_losses)), bool(stop))
+        due = periodic.clock.due(prog.step + 1, time.monotonic()) and prog.batch < total  # not at the epoch's end
+        bad_loss, interrupted, due = _any_rank(t, math.isnan(sum(group_losses)), bool(stop), due)
         if bad_loss:
             return outcome("diverged", f"the loss became nan/inf at step {prog.step + 1} (epoch {prog.epoch + 1})")
         norm, stepped = _update(t)
@@ -488,6 +511,8 @@ def train_epoch(t: Trainer, loader: DataLoader, ui: TrainUI, stop: StopFlag, sto
             window = (0, len(losses), time.perf_counter())
         if interrupted or (stop_after is not None and prog.step >= stop_after):
             return outcome("interrupted", f"stopped by {stop.reason or f'the step limit {stop_after}'}")
+        if due:
+            periodic.save()
     return outcome()
 
 
@@ -602,7 +627,7 @@ def train(
         restore(t, load_checkpoint(last, map_location="cpu"), vocab, last)
     if procs.rank and not resume:
         torch.manual_seed(cfg.train.seed + procs.rank)  # same initial weights (DDP broadcasts), own dropout noise
-    ui = TrainUI(run_dir, procs.main, console, resume=resume)
+    ui = TrainUI(run_dir, procs.main, console, resume=resume, loggers=cfg.train.loggers)
     if procs.main and not resume:
         (run_dir / "config.yaml").write_text(dump_config(cfg, header=f"resolved config of this run ({preset})"))
     baseline = majority_baseline(train_set, val_set)
@@ -630,8 +655,15 @@ def _run_epochs(
     status, message, val = "finished", "", None
     started = time.perf_counter() - prog.elapsed_s
 
+    clock = CheckpointClock(cfg.train.checkpoint_every, prog.step, time.monotonic())
+
     def save(best: bool) -> None:
         _save(t, run_dir, spec, vocab, best=best)
+        clock.saved(prog.step, time.monotonic())
+
+    def save_mid_epoch() -> None:
+        save(False)
+        ui.record("checkpoint", step=prog.step, epoch=prog.epoch + 1, batch=prog.batch)
 
     with stop.catching():
         verdict = None
@@ -644,7 +676,7 @@ def _run_epochs(
                 train_set, cfg, rank=t.procs.rank, world=t.procs.world, epoch=prog.epoch, train=True, skip=skip
             )
             ui.begin_epoch(prog.epoch, prog.batch, prog.batch + len(loader))
-            outcome = train_epoch(t, loader, ui, stop, stop_after)
+            outcome = train_epoch(t, loader, ui, stop, stop_after, Periodic(clock, save_mid_epoch))
             prog.elapsed_s = time.perf_counter() - started
             if outcome.stopped == "oom":
                 size, accumulation = halve_micro_batch(t)

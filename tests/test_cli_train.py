@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_metrics import official_gqa, official_vqa
 from test_train import FAST, TINY
 from typer.testing import CliRunner
 
+from isubg.checkpoint import load_checkpoint
 from isubg.cli import app
 
 RUNNER = CliRunner()
@@ -218,3 +220,44 @@ def test_preset_auto_says_what_it_chose(tiny_demo: Path, tmp_path: Path, monkeyp
     assert result.exit_code == 0, result.output
     assert "--preset auto: no usable GPU (test) -> demo" in result.output
     assert "(demo)" in (tmp_path / "r" / "config.yaml").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_from_the_periodic_checkpoint_to_the_same_weights(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    """kill -9 (no handler runs) right after a mid-epoch checkpoint; the resumed run ends with the weights of a
+    run that was never killed."""
+    options = [*sets(*FAST, "data.num_workers=0", "train.checkpoint_every=1"), "--epochs", "2"]
+    command = [sys.executable, "-m", "isubg", "train", "--preset", "demo", "--data", str(tiny_demo), *options]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    done = subprocess.run([*command, "--output", str(whole)], env=_env(tmp_path), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen([*command, "--output", str(split)], env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    progress = _stop_at_a_mid_epoch_checkpoint(proc, split)
+    proc.kill()  # SIGKILL: nothing is saved on the way out
+    proc.wait(timeout=60)
+    assert progress["batch"] > 0 and progress["step"] < 12, progress
+    resumed = subprocess.run([sys.executable, "-m", "isubg", "train", "--resume", str(split)], env=_env(tmp_path),
+                             capture_output=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "resume" and r["step"] == progress["step"] for r in records)
+    assert records[-1]["status"] == "finished" and records[-1]["steps"] == 12
+    a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (whole, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _stop_at_a_mid_epoch_checkpoint(proc: subprocess.Popen[bytes], run_dir: Path) -> dict[str, int]:
+    """Freeze `proc` (SIGSTOP) as soon as its last.pt holds a mid-epoch position; return that position."""
+    last, deadline = run_dir / "checkpoints" / "last.pt", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.exists():
+            proc.send_signal(signal.SIGSTOP)
+            progress = load_checkpoint(last)["progress"]
+            if progress["batch"] > 0:
+                return progress
+            proc.send_signal(signal.SIGCONT)  # an epoch-end checkpoint: let it run to the next one
+        time.sleep(0.05)
+    raise AssertionError(f"no mid-epoch checkpoint appeared (exit code {proc.poll()})")

@@ -63,6 +63,7 @@ LAYERS = {
     "isubg.memory.advice": 6.7,
     "isubg.memory.cuda": 6.7,
     "isubg.evaluate": 7,
+    "isubg.loggers": 1,
     "isubg.runlog": 7,
     "isubg.train": 8,
     "isubg.plans": 4,

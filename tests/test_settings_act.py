@@ -91,6 +91,8 @@ SHOWN_BY: dict[str, str] = {
     "train.xvlm_lr": "tests/test_settings_act.py::test_each_optimizer_steps_at_its_learning_rate",
     "train.fusion_lr": "tests/test_train.py::test_fusion_weights_step_at_their_own_learning_rate[0.05]",
     "train.tf32": "tests/test_device.py::test_tf32_setting_switches_the_cuda_math_mode",
+    "train.checkpoint_every": "tests/test_train.py::test_checkpoint_every_n_updates_writes_mid_epoch_checkpoints",
+    "train.loggers": "tests/test_loggers.py::test_tensorboard_logger_writes_the_runs_curves",
     "train.batch_size": "tests/test_settings_act.py::test_batch_size_and_update_freq_set_the_optimizer_steps",
     "train.update_freq": "tests/test_settings_act.py::test_batch_size_and_update_freq_set_the_optimizer_steps",
     "train.seed": "tests/test_train.py::test_same_seed_same_weights_other_seed_other_weights",

@@ -13,6 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
+import isubg.train
 from isubg.checkpoint import load_checkpoint
 from isubg.config import RunConfig
 from isubg.data.dataset import collate
@@ -471,3 +472,43 @@ def test_ddp_wraps_without_broadcasting_the_constant_buffers(gqa: Path, monkeypa
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
     make_trainer(cfg, model, 1, torch.device("cpu"), Precision(None, False, "fp32"), Processes(rank=0, world=2))
     assert wrapped == {"find_unused_parameters": True, "broadcast_buffers": False, "gradient_as_bucket_view": True}
+
+
+def test_checkpoint_every_n_updates_writes_mid_epoch_checkpoints(gqa: Path, tmp_path: Path) -> None:
+    # 6 updates per epoch: due at step 4; the epoch-end save at 6 restarts the count, so next at 10
+    result = run(config("epochs=2", "train.checkpoint_every=4"), tmp_path / "run", gqa)
+    records = [r for r in read_metrics(tmp_path / "run").records if r["event"] == "checkpoint"]
+    assert result.status == "finished"
+    assert [(r["step"], r["epoch"], r["batch"]) for r in records] == [(4, 1, 4), (10, 2, 4)]
+    off = run(config("epochs=1", "train.checkpoint_every=off"), tmp_path / "off", gqa)
+    assert off.status == "finished"
+    assert not [r for r in read_metrics(tmp_path / "off").records if r["event"] == "checkpoint"]
+
+
+def test_a_run_killed_after_a_periodic_checkpoint_resumes_to_the_same_weights(
+    gqa: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process stand-in for the SIGKILL test (tests/test_cli_train.py): the run dies right after its first
+    mid-epoch checkpoint, with nothing saved on the way out."""
+    cfg = config("epochs=1", "train.checkpoint_every=3")
+    run(cfg, tmp_path / "whole", gqa)
+    real_save = isubg.train._save
+
+    def save_then_die(t: Any, *args: Any, **kwargs: Any) -> None:
+        real_save(t, *args, **kwargs)
+        if t.progress.batch > 0:  # a mid-epoch checkpoint
+            raise _Killed
+
+    monkeypatch.setattr(isubg.train, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        run(cfg, tmp_path / "split", gqa)
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert state["progress"]["batch"] == 3 and state["progress"]["step"] == 3
+    resumed = run(cfg, tmp_path / "split", gqa, resume=True)
+    assert resumed.status == "finished" and resumed.steps == 6
+    assert same(weights(tmp_path / "whole"), weights(tmp_path / "split"))
+
+
+class _Killed(BaseException):
+    """Ends a run without any handler saving on the way out, as SIGKILL does."""
