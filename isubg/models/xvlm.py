@@ -14,18 +14,21 @@ Deviations from X-VLM, and why:
   gold ones, like MGHR's `--tune_xvlm` candidate loss.
 - Visual tokens default to region features: each box (features + 6 spatials) goes through a LayerNorm'd linear
   projection straight to the text width, and a global [IMG] token (masked mean of the boxes plus a learned vector)
-  comes first, in the place of Swin's average-pooled token. X-VLM's 1024-wide vision tokens are not reproduced:
-  `transformers` 5 cross-attention takes keys/values at the text width, so a checkpoint's 1024-wide cross K/V are
-  reported as shape mismatches by `load_xvlm_checkpoint`, never silently dropped.
+  comes first, in the place of Swin's average-pooled token. By default the visual tokens are projected to the text
+  width, where `transformers` builds cross-attention keys/values. `model.xvlm.cross_width` (set by `isubg
+  import-checkpoint xvlm`, 1024 for Swin-B) gives X-VLM's layout instead: keys/values read tokens of that width,
+  Swin/ViT tokens go in unprojected when the width is the encoder's, and region tokens are projected to it.
 - Text: with `model.xvlm.text_encoder` naming a local BERT folder (vocab.txt) the raw question is cleaned as X-VLM
   does (`pre_question`), WordPiece-tokenized and cut to `max_tokens`. Without it (the offline default) the isubg
   word ids are used with an embedding of `num_words + 2` rows ([CLS] and [SEP] appended); a real checkpoint's word
   embeddings then mismatch and are reported, so real weights need the real tokenizer folder.
 - `vision: swin|vit` encodes `Batch.images` (data.image_root, preprocessed by isubg.data.images at `image_res`) with
   a `transformers` Swin or ViT (`ImageEncoder`, built from a config, nothing downloaded) whose tokens are projected
-  to the text width, for the same reason as the region tokens. Its weights start random: a checkpoint's timm-named
-  `vision_encoder.*` tensors are reported as unmapped. The ViT stands in for X-VLM's CLIP-ViT (same sizes, HF ViT
-  layout). With `memory_efficient_attention` the backbone recomputes activations in backward (gradient checkpointing).
+  to the text width, for the same reason as the region tokens (not with X-VLM's cross_width, see above). Its weights
+  start random; `isubg import-checkpoint xvlm` (isubg.importers.xvlm) maps an X-VLM checkpoint's Swin weights into
+  it (`load_xvlm_checkpoint` below maps the text and fusion layers only). The ViT stands in for X-VLM's CLIP-ViT
+  (same sizes, HF ViT layout). With `memory_efficient_attention` the backbone recomputes activations in backward
+  (gradient checkpointing).
 - `model.xvlm.xvlm_config` (an X-VLM settings YAML) is applied by `build` through
   `isubg.models.xvlm_config.apply_xvlm_settings`; what it set is in `XvlmBranch.settings_report`.
 """
@@ -137,14 +140,20 @@ class FusionLayer(nn.Module):
     follow BERT (`attention`, `crossattention`, `intermediate`, `output`) so checkpoint keys map one to one.
 
     Shapes:
-        hidden: (B, T, H); self_mask: (B, 1, 1, T) additive; visual: (B, V, H); visual_mask: (B, 1, 1, V)
-        additive. Returns (B, T, H).
+        hidden: (B, T, H); self_mask: (B, 1, 1, T) additive; visual: (B, V, C), C = cross_width (default H);
+        visual_mask: (B, 1, 1, V) additive. Returns (B, T, H).
     """
 
-    def __init__(self, config: BertConfig, cross: bool) -> None:
+    def __init__(self, config: BertConfig, cross: bool, cross_width: int | None = None) -> None:
         super().__init__()
         self.attention = BertAttention(config, is_causal=False)
         self.crossattention = BertAttention(config, is_causal=False, is_cross_attention=True) if cross else None
+        if self.crossattention is not None and cross_width is not None and cross_width != config.hidden_size:
+            # X-VLM's layout: keys and values read the vision encoder's tokens at their own width (1024 for Swin-B);
+            # transformers builds them at the text width, so they are replaced by projections from cross_width.
+            heads = self.crossattention.self
+            heads.key = nn.Linear(cross_width, config.hidden_size)
+            heads.value = nn.Linear(cross_width, config.hidden_size)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
@@ -226,6 +235,13 @@ def vision_config(kind: str, image_res: int, sizes: Mapping[str, Any] | None = N
     raise ValueError(f"unknown vision encoder {kind!r}; expected 'swin' or 'vit'")
 
 
+def _backbone_width(config: SwinConfig | ViTConfig) -> int:
+    """Width of the tokens a Swin (last stage) or ViT backbone puts out."""
+    if isinstance(config, SwinConfig):
+        return config.embed_dim * 2 ** (len(config.depths) - 1)
+    return config.hidden_size
+
+
 def _checkpoint_backbone(backbone: nn.Module) -> None:
     """Recompute the backbone's layer activations in backward (transformers >= 5 renamed the switch)."""
     enable = getattr(backbone, "activation_checkpointing_enable", None)
@@ -241,22 +257,27 @@ class ImageEncoder(nn.Module):
     Swin tokens are [average-pooled token, patches] as in X-VLM; ViT tokens are [CLS, patches]. `XvlmBranch` uses
     it for model.xvlm.vision swin/vit.
 
+    With `hidden_size` equal to the backbone's width and `project=False` the tokens are the backbone's own (X-VLM
+    feeds them to cross-attention as they are; model.xvlm.cross_width set to that width).
+
     Shapes:
         pixel_values: (B, 3, R, R). Returns tokens (B, 1 + P, H) and mask (B, 1 + P) bool, all True.
     """
 
-    def __init__(self, config: SwinConfig | ViTConfig, hidden_size: int) -> None:
+    def __init__(self, config: SwinConfig | ViTConfig, hidden_size: int, project: bool = True) -> None:
         super().__init__()
         if isinstance(config, SwinConfig):
             self.backbone: nn.Module = SwinModel(config, add_pooling_layer=True)
-            width = config.embed_dim * 2 ** (len(config.depths) - 1)
         elif isinstance(config, ViTConfig):
             self.backbone = ViTModel(config, add_pooling_layer=False)
-            width = config.hidden_size
         else:
             raise TypeError(f"expected a SwinConfig or ViTConfig, got {type(config).__name__}")
-        self.proj = nn.Linear(width, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=_LN_EPS)
+        width = _backbone_width(config)
+        if not project and width != hidden_size:
+            raise ValueError(f"unprojected image tokens are {width} wide, not the {hidden_size} asked for")
+        self.width = width
+        self.proj: nn.Module = nn.Linear(width, hidden_size) if project else nn.Identity()
+        self.norm: nn.Module = nn.LayerNorm(hidden_size, eps=_LN_EPS) if project else nn.Identity()
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.backbone(pixel_values=pixel_values)
@@ -350,15 +371,21 @@ class XvlmBranch(nn.Module):
         vocab = len(tokenizer) if tokenizer is not None else spec.num_words + 2
         self.config = bert_config(xcfg, vocab, memory_efficient)
         self.embeddings = BertEmbeddings(self.config)
+        cross_width = xcfg.cross_width or xcfg.hidden_size
         self.text_layers = nn.ModuleList(FusionLayer(self.config, cross=False) for _ in range(xcfg.num_text_layers))
-        self.cross_layers = nn.ModuleList(FusionLayer(self.config, cross=True) for _ in range(xcfg.num_cross_layers))
+        self.cross_layers = nn.ModuleList(
+            FusionLayer(self.config, cross=True, cross_width=cross_width) for _ in range(xcfg.num_cross_layers)
+        )
         self.image_res: int | None = None
         self.vision: RegionEncoder | ImageEncoder
         if xcfg.vision == "regions":
-            self.vision = RegionEncoder(spec.feature_dim, xcfg.hidden_size)
+            self.vision = RegionEncoder(spec.feature_dim, cross_width)
         else:
             self.image_res = xcfg.image_res
-            self.vision = ImageEncoder(vision_config(xcfg.vision, xcfg.image_res, vision_sizes), xcfg.hidden_size)
+            vcfg = vision_config(xcfg.vision, xcfg.image_res, vision_sizes)
+            # X-VLM's layout (cross_width = the encoder's width): its tokens go to cross-attention as they are.
+            project = _backbone_width(vcfg) != cross_width
+            self.vision = ImageEncoder(vcfg, cross_width, project=project)
             if memory_efficient:
                 _checkpoint_backbone(self.vision.backbone)
         _init_bert_weights(self.embeddings)
@@ -422,7 +449,7 @@ class XvlmBranch(nn.Module):
                 f"the batch's images are {tuple(images.shape[1:])}, but the X-VLM image encoder was built for "
                 f"(3, {self.image_res}, {self.image_res}) (model.xvlm.image_res); give the dataset the same image_res"
             )
-        return self.vision(images.to(self.vision.proj.weight.dtype))
+        return self.vision(images.to(next(self.vision.backbone.parameters()).dtype))
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Question states after the text layers and the fusion layers.
@@ -431,15 +458,28 @@ class XvlmBranch(nn.Module):
             returns states (B, T, H) and the text mask (B, T) bool; padded positions hold values nobody reads.
         """
         ids, mask = self.text_inputs(batch)
+        visual, visual_mask = self.visual_tokens(batch)
+        return self.fuse(ids, mask, visual, visual_mask), mask
+
+    def fuse(
+        self, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The text layers over token ids, then the fusion layers attending to given visual tokens.
+
+        This is X-VLM's text encoder in multimodal mode (what its VQA model feeds its answer decoder).
+
+        Shapes:
+            ids, mask: (B, T) int64 / bool; visual: (B, V, C), C = cross width; visual_mask: (B, V) bool.
+            Returns states (B, T, H).
+        """
         hidden = self.embeddings(input_ids=ids)
         self_mask = _additive_mask(mask, hidden.dtype)
-        visual, visual_mask = self.visual_tokens(batch)
         cross_mask = _additive_mask(visual_mask, hidden.dtype)
         for layer in self.text_layers:
             hidden = self._run(layer, hidden, self_mask)
         for layer in self.cross_layers:
             hidden = self._run(layer, hidden, self_mask, visual, cross_mask)
-        return hidden, mask
+        return hidden
 
     def forward(self, batch: Batch) -> BranchOutput:
         """Answer logits for a batch.
