@@ -1,7 +1,7 @@
 """Output parity of imported checkpoints: isubg computes what X-VLM and ban-vqa compute from the same weights.
 
     python benchmarks/bench_parity.py --ban-repo ../refs/ban-vqa --xvlm-repo ../refs/X-VLM \\
-        --xvlm-python /tmp/xvlm-venv/bin/python [--batch 4] [--threads 1] [--out benchmarks/results/bench_parity.json]
+        --xvlm-python ../xvlm-venv/bin/python [--batch 4] [--threads 1] [--out benchmarks/results/bench_parity.json]
 
 For each reference: build it with random weights from a fixed seed, save them in the reference's own file format,
 import that file with `isubg.importers` (as `isubg import-checkpoint` does), feed both models the same batch in
@@ -29,10 +29,10 @@ eval mode, fp32, and print the largest absolute difference (goal: below 1e-4).
 
 Setting up --xvlm-python (one-off, outside the repository; no CUDA torch download, no timm or torchvision):
 
-    python3 -m venv /tmp/xvlm-venv
+    python3 -m venv ../xvlm-venv
     echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \\
-        > /tmp/xvlm-venv/lib/python3.11/site-packages/zz_isubg_env.pth   # run inside isubg's venv: torch 2.13 CPU
-    /tmp/xvlm-venv/bin/pip install "transformers==4.30.2"
+        > ../xvlm-venv/lib/python3.11/site-packages/zz_isubg_env.pth   # run inside isubg's venv: torch 2.13 CPU
+    ../xvlm-venv/bin/pip install "transformers==4.30.2"
 
 (transformers 4.30.2 installs into the new venv ahead of the shared packages; torch, numpy come from isubg's venv.)
 The X-VLM checkout must hold models/ and configs/ (git clone github.com/zengyan-97/X-VLM). The ban-vqa import needs
