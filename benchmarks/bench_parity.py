@@ -23,9 +23,10 @@ eval mode, fp32, and print the largest absolute difference (goal: below 1e-4).
   images, then the text and fusion layers (also the vision tokens alone); region mode: both fed the same 37
   visual tokens (1024 wide, the last row padded), no vision encoder. Parity switch: model.xvlm.cross_width=1024
   (keys/values read the unprojected vision tokens), which the import sets.
-* X-VLM import cost: the full-size X-VLM VQA checkpoint the worker wrote (random weights) imported by
-  `python -m isubg import-checkpoint xvlm` in a subprocess: wall time and peak RSS (ru_maxrss of the child),
-  with the mapped / reshaped / unused / new counts; the ban counts come from the ban file above.
+* X-VLM import cost: the full-size X-VLM VQA checkpoint the worker wrote (random weights, 1.1 GiB) imported by
+  `isubg import-checkpoint xvlm` in a child process: the command's own time, the wall time with interpreter
+  start-up, the child's peak RSS (its ru_maxrss), and the mapped / reshaped / unused / new counts; the ban counts
+  come from the ban file above.
 
 Setting up --xvlm-python (one-off, outside the repository; no CUDA torch download, no timm or torchvision):
 
@@ -46,7 +47,6 @@ import copy
 import importlib
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -222,22 +222,33 @@ def xvlm_parity(source: Path, reference: Path, work: Path) -> list[dict[str, Any
     return rows
 
 
+# Runs the CLI in a child and prints that child's own peak RSS (KiB) to stderr last, whatever the exit path.
+_MEASURED_CLI = (
+    "import resource, sys\n"
+    "from isubg.cli import main\n"
+    "sys.argv = ['isubg', *sys.argv[1:]]\n"
+    "try:\n    main()\n"
+    "finally:\n    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+)
+
+
 def xvlm_import_cost(source: Path, work: Path) -> dict[str, Any]:
-    """`python -m isubg import-checkpoint xvlm` on the full-size file in a child process: time, peak RSS, counts."""
+    """`isubg import-checkpoint xvlm` on the full-size file in a child process: time, its peak RSS, the counts."""
     sets = [arg for s in xvlm_sets(work) for arg in ("--set", s)]
     out = work / "xvlm_isubg.pt"
-    command = [sys.executable, "-m", "isubg", "import-checkpoint", "xvlm", str(source), "-o", str(out), *sets, "--json"]
+    command = [sys.executable, "-c", _MEASURED_CLI, "import-checkpoint", "xvlm", str(source), "-o", str(out), *sets]
     start = time.perf_counter()
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run([*command, "--json"], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
     report = json.loads(done.stdout)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_kib = int(done.stderr.strip().splitlines()[-1].split()[-1])
     return {
         "file_bytes": source.stat().st_size,
         "wall_s": wall,
         "import_s": report["seconds"],
         "peak_rss_mib": peak_kib / 1024,
         "counts": report["counts"],
+        "source": report["source"],
         "problems": report["problems"],
         "details": report["details"],
     }
@@ -257,21 +268,34 @@ def main() -> None:
     cost: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="isubg-parity-") as tmp:
         work = Path(tmp)
+        # The import cost first: a child's ru_maxrss starts at its parent's RSS at fork (Linux), so the parent
+        # must still be small when the child is measured.
+        if args.xvlm_repo is not None and args.xvlm_python is not None:
+            run_worker(args.xvlm_python, args.xvlm_repo.resolve(), work / "xvlm", min(args.batch, 2))
+            source = work / "xvlm" / "xvlm_vqa.pth"
+            cost = xvlm_import_cost(source, work)
         if args.ban_repo is not None:
             rows.append(ban_parity(args.ban_repo.resolve(), args.batch, work))
         else:
             print("ban: skipped (no --ban-repo)")
-        if args.xvlm_repo is not None and args.xvlm_python is not None:
-            run_worker(args.xvlm_python, args.xvlm_repo.resolve(), work / "xvlm", min(args.batch, 2))
-            source = work / "xvlm" / "xvlm_vqa.pth"
+        if cost:
             rows += xvlm_parity(source, work / "xvlm" / "reference.pt", work)
-            cost = xvlm_import_cost(source, work)
         else:
             print("xvlm: skipped (needs --xvlm-repo and --xvlm-python)")
     print(f"{'model':6} {'mode':28} {'max |diff|':>12} {'scale':>10}  goal {GOAL:g}")
     for row in rows:
         flag = "ok" if row["max_abs_diff"] < GOAL else "ABOVE GOAL"
         print(f"{row['model']:6} {row['mode']:28} {row['max_abs_diff']:12.3e} {row['logit_scale']:10.3f}  {flag}")
+    for row in rows:
+        if "float64_max_abs_diff" in row:
+            print(
+                f"ban: the reference's own fp32 error (fp32 vs its float64 copy) {row['reference_fp32_error']:.3e}; "
+                f"float64 parity {row['float64_max_abs_diff']:.3e} (isubg's counter computes in float32); "
+                f"same predicted answer {row['same_predictions']}/{row['questions']}"
+            )
+    counted = [("ban", r["counts"]) for r in rows if "counts" in r] + ([("xvlm", cost["counts"])] if cost else [])
+    for kind, counts in counted:
+        print(f"{kind} import: " + ", ".join(f"{status} {c['tensors']}" for status, c in counts.items()))
     if cost:
         print(
             f"X-VLM import: {cost['file_bytes'] / 2**30:.2f} GiB file, {cost['import_s']:.1f} s in the command "
