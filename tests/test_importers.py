@@ -20,20 +20,20 @@ import torch
 import torch.nn.functional as F
 from test_train import FAST, TINY
 from torch import nn
-from transformers import SwinConfig, SwinModel
+from transformers import SwinConfig, SwinModel, ViTConfig, ViTModel
 from typer.testing import CliRunner
 
 from isubg.batch import DataSpec
 from isubg.checkpoint import initialise_from, load_checkpoint, vocab_checksum
 from isubg.cli import app
-from isubg.config import RunConfig
+from isubg.config import RunConfig, XvlmConfig
 from isubg.data.loaders import open_split
 from isubg.data.synthetic import random_batch
 from isubg.errors import ConfigError, DataError
 from isubg.importers.ban import counter_slopes, roll_padding_row
 from isubg.importers.convert import import_checkpoint, write_import
 from isubg.importers.core import NO_REASON, apply_plan, read_foreign, weight_norm
-from isubg.importers.xvlm import swin_plan
+from isubg.importers.xvlm import clip_plan, swin_plan
 from isubg.models import build_model
 from isubg.models.xvlm import XvlmBranch
 from isubg.resolve import resolve_config
@@ -492,3 +492,45 @@ def test_cross_width_sets_the_width_cross_attention_reads() -> None:
     assert wide.vision.proj.out_features == 24 and default.vision.proj.out_features == 32
     batch = random_batch(DataSpec(num_words=30, num_answers=7, num_graph_tokens=20, feature_dim=10), 2, boxes=6)
     assert wide(batch).logits.shape == (2, 7)
+
+
+def test_swin_tokens_go_unprojected_to_cross_attention_at_the_encoder_width() -> None:
+    sizes = {"embed_dim": 8, "depths": [2, 2], "num_heads": [1, 2], "window_size": 2}
+    xcfg = XvlmConfig(vision="swin", image_res=32, hidden_size=16, num_heads=2, num_text_layers=1,
+                      num_cross_layers=1, intermediate_size=32, cross_width=16)  # fmt: skip
+    spec = DataSpec(num_words=30, num_answers=7, num_graph_tokens=20, feature_dim=10)
+    branch = XvlmBranch(xcfg, spec, vision_sizes=sizes).eval()
+    assert isinstance(branch.vision.proj, nn.Identity) and isinstance(branch.vision.norm, nn.Identity)
+    plan, _ = swin_plan(swin_state(), "vision_encoder.", "vision.backbone.")
+    assert apply_plan(branch, swin_state(), plan, Path("x.pth"), []).by_status("mismatched") == []
+    images = torch.randn(2, 3, 32, 32, generator=GEN)
+    tokens, mask = branch.vision(images)
+    out = branch.vision.backbone(pixel_values=images)
+    assert tokens.shape == (2, 1 + 16, 16) and mask.all()  # 32 px: 8 x 8 patches, merged to 4 x 4
+    assert torch.equal(tokens[:, 1:], out.last_hidden_state) and torch.equal(tokens[:, 0], out.pooler_output)
+    assert branch.cross_layers[0].crossattention.self.key.in_features == 16
+
+
+def test_clip_vit_maps_into_transformers_vit_where_the_layouts_agree() -> None:
+    d, p = 8, "vision_encoder."
+    state = {
+        f"{p}class_embedding": rand(d),
+        f"{p}pos_embed.weight": rand(5, d),
+        f"{p}patch_embed.weight": rand(d, 3, 16, 16),
+    }
+    for norm in ("pre_layrnorm", "post_layernorm", "encoder.layers.0.layer_norm1", "encoder.layers.0.layer_norm2"):
+        state[f"{p}{norm}.weight"], state[f"{p}{norm}.bias"] = 1 + rand(d), rand(d)
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        state[f"{p}encoder.layers.0.self_attn.{proj}.weight"] = rand(d, d)
+        state[f"{p}encoder.layers.0.self_attn.{proj}.bias"] = rand(d)
+    state[f"{p}encoder.layers.0.mlp.fc1.weight"], state[f"{p}encoder.layers.0.mlp.fc1.bias"] = rand(16, d), rand(16)
+    state[f"{p}encoder.layers.0.mlp.fc2.weight"], state[f"{p}encoder.layers.0.mlp.fc2.bias"] = rand(d, 16), rand(d)
+    model = ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=d, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=16), add_pooling_layer=False)  # fmt: skip
+    report = apply_plan(model, state, clip_plan(state, p, ""), Path("clip.pth"), [])
+    assert report.problems() == [] and report.by_status("missing") == []
+    assert {e.source for e in report.by_status("unused")} == {f"{p}pre_layrnorm.weight", f"{p}pre_layrnorm.bias"}
+    own = model.state_dict()
+    assert torch.equal(own["embeddings.cls_token"].flatten(), state[f"{p}class_embedding"])
+    assert torch.equal(own["embeddings.position_embeddings"][0], state[f"{p}pos_embed.weight"])
+    assert not own["embeddings.patch_embeddings.projection.bias"].any()
