@@ -30,10 +30,11 @@ from isubg.config import RunConfig, XvlmConfig
 from isubg.data.loaders import open_split
 from isubg.data.synthetic import random_batch
 from isubg.errors import ConfigError, DataError
+from isubg.evaluate import load_trained
 from isubg.importers.ban import counter_slopes, roll_padding_row
 from isubg.importers.convert import import_checkpoint, write_import
 from isubg.importers.core import NO_REASON, apply_plan, read_foreign, weight_norm
-from isubg.importers.xvlm import clip_plan, swin_plan
+from isubg.importers.xvlm import clip_plan, swin_plan, xvlm_plan
 from isubg.models import build_model
 from isubg.models.xvlm import XvlmBranch
 from isubg.resolve import resolve_config
@@ -169,9 +170,10 @@ def test_ban_import_computes_what_ban_vqa_computes(tmp_path: Path) -> None:
     assert report.extras == ["epoch", "optimizer_state"]
     spec = DataSpec(**imported.state["spec"])
     assert (spec.num_words, spec.num_answers, spec.feature_dim) == (21, 7, 6)
-    model = build_model(imported.config, spec)
-    model.load_state_dict(imported.state["model"])
-    model.eval()
+    written = tmp_path / "ban.pt"
+    write_import(imported, written)
+    state_back = load_checkpoint(written)
+    model = load_trained(state_back, spec, state_back["vocab_sha256"], written)  # what `isubg eval` runs
     batch = random_batch(spec, 3, boxes=12, question_len=5, seed=1)  # unpadded: ban-vqa would read padding
     with torch.no_grad():
         ours = model(batch).branches["cfrf"].logits
@@ -534,3 +536,5 @@ def test_clip_vit_maps_into_transformers_vit_where_the_layouts_agree() -> None:
     assert torch.equal(own["embeddings.cls_token"].flatten(), state[f"{p}class_embedding"])
     assert torch.equal(own["embeddings.position_embeddings"][0], state[f"{p}pos_embed.weight"])
     assert not own["embeddings.patch_embeddings.projection.bias"].any()
+    sets = xvlm_plan({**xvlm_text_state(), **state}).sets
+    assert "model.xvlm.vision=vit" in sets and "model.xvlm.image_res=32" in sets  # 16 px patches, 2 x 2 + [CLS]

@@ -15,8 +15,9 @@ tables: (2w - 1)^2 rows, image_res = 32 w.
 
 Vision, CLIP-ViT (`vision_encoder.class_embedding`, `vision_encoder.encoder.layers.*`): into transformers' ViTModel
 where the layouts agree (attention projections, layer norms, MLPs, the final norm, the class and position
-embeddings, reshaped to (1, 1, D) and (1, N, D)). CLIP's `pre_layrnorm` has no place in ViTModel (stated as unused:
-the outputs then differ), and ViT's patch-embedding bias, which CLIP lacks, is set to zero.
+embeddings, reshaped to (1, 1, D) and (1, N, D); image_res = patch x sqrt(N - 1)). CLIP's `pre_layrnorm` has no
+place in ViTModel (stated as unused: the outputs then differ), and ViT's patch-embedding bias, which CLIP lacks, is
+set to zero.
 
 Unused by design: the answer decoder (`text_decoder.*`: isubg ranks answers with a classification head, whose
 weights are new), pre-training heads (`vision_proj`, `text_proj`, `itm_head`, `bbox_head`, `temp`,
@@ -216,7 +217,9 @@ def xvlm_plan(state: dict[str, torch.Tensor]) -> Plan:
         plan.sets += ["model.xvlm.vision=swin", f"model.xvlm.image_res={vision['image_res']}"]
     elif "vision_encoder.class_embedding" in state:
         plan.extend(clip_plan(state, "vision_encoder.", _PREFIX + _BACKBONE))
-        plan.sets.append("model.xvlm.vision=vit")
+        patch = int(state["vision_encoder.patch_embed.weight"].shape[-1])
+        side = round((state["vision_encoder.pos_embed.weight"].shape[0] - 1) ** 0.5)  # N = side^2 patches + [CLS]
+        plan.sets += ["model.xvlm.vision=vit", f"model.xvlm.image_res={patch * side}"]
     plan.new[_PREFIX + "head."] = "answer classifier: X-VLM ranks answers with its decoder (text_decoder.*)"
     plan.new["adapted_w"] = "fusion weights of a one-branch model: any value gives that branch weight 1"
     plan.switches = {
