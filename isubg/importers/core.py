@@ -31,6 +31,8 @@ import torch
 from isubg.errors import DataError
 
 __all__ = [
+    "NO_REASON",
+    "STATUSES",
     "Entry",
     "ImportReport",
     "Plan",
@@ -42,6 +44,7 @@ __all__ = [
 
 Transform = Callable[..., torch.Tensor]
 STATUSES = ("mapped", "reshaped", "unused", "new", "missing", "mismatched")
+NO_REASON = "no destination in isubg and no stated reason"  # the note of a source tensor no plan explains
 # Where each kind's program keeps its state dict inside the saved object (else the object is the state dict).
 _CONTAINERS = {"ban": ("model_state",), "mghr": ("model_state",), "xvlm": ("model", "state_dict", "module")}
 
@@ -161,9 +164,8 @@ class ImportReport:
     def details(self) -> list[str]:
         """Grouped lines under the table: reshapes by kind, unused and new tensors by reason, every mismatch."""
         lines = []
-        for status, key in (("reshaped", "note"), ("unused", "note"), ("new", "note"), ("missing", "note")):
-            groups = Counter(getattr(e, key) for e in self.by_status(status))
-            for note, n in groups.most_common():
+        for status in ("reshaped", "unused", "new", "missing"):
+            for note, n in Counter(e.note for e in self.by_status(status)).most_common():
                 example = next(e for e in self.by_status(status) if e.note == note)
                 name = example.source if status in ("reshaped", "unused") else example.target
                 lines.append(f"{status} {n}: {note} (e.g. {name})")
@@ -185,9 +187,6 @@ class ImportReport:
             "switches": self.switches,
             "problems": self.problems(),
         }
-
-
-NO_REASON = "no destination in isubg and no stated reason"
 
 
 def read_foreign(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], list[str]]:
