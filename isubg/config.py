@@ -245,6 +245,12 @@ class XvlmConfig(_Section):
         "regions", "Visual tokens: projected region features, or a Swin/ViT encoder over data.image_root."
     )
     image_res: Int = _p(480, "Image resolution for the Swin/ViT encoder.", ge=32)
+    vit_layout: Literal["vit", "clip"] = _p(
+        "vit",
+        "Layout of the ViT image encoder (vision: vit): 'vit' (transformers' ViT) or 'clip' (X-VLM's CLIP-ViT: a "
+        "LayerNorm on the patch and position embeddings before the first layer, quick-GELU, LayerNorm eps 1e-5); "
+        "`isubg import-checkpoint xvlm` sets 'clip' for CLIP-ViT checkpoints.",
+    )
     hidden_size: Int = _p(768, "Transformer width.", ge=8)
     num_heads: Int = _p(12, "Attention heads (must divide hidden_size).", ge=1)
     num_text_layers: Int = _p(6, "Text-only BERT layers.", ge=0)
@@ -642,6 +648,8 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
     x = cfg.model.xvlm
     if x.vision == "regions" and (x.xvlm_config is None or cfg.data.image_root is None):
         rules.append(("model.xvlm.image_res", "model.xvlm.vision is 'regions' (region features, no image pixels)"))
+    if x.vision != "vit" and (x.xvlm_config is None or cfg.data.image_root is None):
+        rules.append(("model.xvlm.vit_layout", "model.xvlm.vision is not 'vit'"))
     return rules
 
 

@@ -513,8 +513,8 @@ def test_swin_tokens_go_unprojected_to_cross_attention_at_the_encoder_width() ->
     assert branch.cross_layers[0].crossattention.self.key.in_features == 16
 
 
-def test_clip_vit_maps_into_transformers_vit_where_the_layouts_agree() -> None:
-    d, p = 8, "vision_encoder."
+def clip_state(d: int = 8, p: str = "vision_encoder.") -> dict:
+    """X-VLM CLIPVisionTransformer names and shapes (16 px patches, 32 px images: 4 patches + [CLS]; one layer)."""
     state = {
         f"{p}class_embedding": rand(d),
         f"{p}pos_embed.weight": rand(5, d),
@@ -527,6 +527,12 @@ def test_clip_vit_maps_into_transformers_vit_where_the_layouts_agree() -> None:
         state[f"{p}encoder.layers.0.self_attn.{proj}.bias"] = rand(d)
     state[f"{p}encoder.layers.0.mlp.fc1.weight"], state[f"{p}encoder.layers.0.mlp.fc1.bias"] = rand(16, d), rand(16)
     state[f"{p}encoder.layers.0.mlp.fc2.weight"], state[f"{p}encoder.layers.0.mlp.fc2.bias"] = rand(d, 16), rand(d)
+    return state
+
+
+def test_clip_vit_maps_into_transformers_vit_where_the_layouts_agree() -> None:
+    d, p = 8, "vision_encoder."
+    state = clip_state(d, p)
     model = ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=d, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=16), add_pooling_layer=False)  # fmt: skip
     report = apply_plan(model, state, clip_plan(state, p, ""), Path("clip.pth"), [])
@@ -538,3 +544,64 @@ def test_clip_vit_maps_into_transformers_vit_where_the_layouts_agree() -> None:
     assert not own["embeddings.patch_embeddings.projection.bias"].any()
     sets = xvlm_plan({**xvlm_text_state(), **state}).sets
     assert "model.xvlm.vision=vit" in sets and "model.xvlm.image_res=32" in sets  # 16 px patches, 2 x 2 + [CLS]
+    assert "model.xvlm.vit_layout=clip" in xvlm_plan({**xvlm_text_state(), **state}).switches
+
+
+def _clip_forward(s: dict, p: str, images: torch.Tensor, heads: int) -> torch.Tensor:
+    """X-VLM's CLIP-ViT with one layer, from its equations: patches, [CLS], positions, pre-LN, layer, post-LN."""
+
+    def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], s[f"{p}{name}.weight"], s[f"{p}{name}.bias"], eps=1e-5)
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, s[f"{p}{name}.weight"], s[f"{p}{name}.bias"])
+
+    patches = F.conv2d(images, s[f"{p}patch_embed.weight"], stride=16).flatten(2).transpose(1, 2)
+    cls = s[f"{p}class_embedding"].expand(images.shape[0], 1, -1)
+    x = norm(torch.cat([cls, patches], 1) + s[f"{p}pos_embed.weight"], "pre_layrnorm")
+    layer = "encoder.layers.0."
+    h = norm(x, f"{layer}layer_norm1")
+    q, k, v = (linear(h, f"{layer}self_attn.{n}_proj").unflatten(-1, (heads, -1)).transpose(1, 2) for n in "qkv")
+    attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    x = x + linear(attended, f"{layer}self_attn.out_proj")
+    h = linear(norm(x, f"{layer}layer_norm2"), f"{layer}mlp.fc1")
+    x = x + linear(h * torch.sigmoid(1.702 * h), f"{layer}mlp.fc2")  # quick-GELU
+    return norm(x, "post_layernorm")
+
+
+def test_vit_layout_clip_computes_what_x_vlm_clip_vit_computes() -> None:
+    d, p = 8, "vision_encoder."
+    state = clip_state(d, p)
+    sizes = {"vision_width": d, "patch_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 16}  # fmt: skip
+    spec = DataSpec(num_words=30, num_answers=7, num_graph_tokens=20, feature_dim=10)
+    branches = {
+        layout: XvlmBranch(
+            XvlmConfig(
+                vision="vit",
+                vit_layout=layout,
+                image_res=32,
+                hidden_size=16,
+                num_heads=2,
+                num_text_layers=1,
+                num_cross_layers=1,
+                intermediate_size=32,
+                cross_width=d,
+            ),
+            spec,
+            vision_sizes=sizes,
+        ).eval()
+        for layout in ("vit", "clip")
+    }
+    plain, clip = branches["vit"], branches["clip"]
+    assert plain.vision.pre_norm is None and plain.vision.backbone.config.hidden_act == "gelu"
+    assert clip.vision.pre_norm is not None and clip.vision.backbone.config.hidden_act == "quick_gelu"
+    report = apply_plan(clip, state, clip_plan(state, p, "vision.backbone.", "vision.pre_norm"), Path("c.pth"), [])
+    assert report.by_status("unused") == [] and report.by_status("mismatched") == []
+    images = torch.randn(2, 3, 32, 32, generator=GEN)
+    with torch.no_grad():
+        tokens, _ = clip.vision(images)
+        expected = _clip_forward(state, p, images, heads=2)
+        apply_plan(plain, state, clip_plan(state, p, "vision.backbone."), Path("c.pth"), [])
+        assert not torch.allclose(plain.vision(images)[0], expected, atol=1e-3)  # transformers' ViT layout differs
+    assert torch.allclose(tokens, expected, atol=1e-5), (tokens - expected).abs().max()

@@ -14,10 +14,10 @@ tables, MLPs and patch-merging layers copy as they are (both concatenate the 2x2
 tables: (2w - 1)^2 rows, image_res = 32 w.
 
 Vision, CLIP-ViT (`vision_encoder.class_embedding`, `vision_encoder.encoder.layers.*`): into transformers' ViTModel
-where the layouts agree (attention projections, layer norms, MLPs, the final norm, the class and position
-embeddings, reshaped to (1, 1, D) and (1, N, D); image_res = patch x sqrt(N - 1)). CLIP's `pre_layrnorm` has no
-place in ViTModel (stated as unused: the outputs then differ), and ViT's patch-embedding bias, which CLIP lacks, is
-set to zero.
+(attention projections, layer norms, MLPs, the final norm, the class and position embeddings, reshaped to (1, 1, D)
+and (1, N, D); image_res = patch x sqrt(N - 1)), with model.xvlm.vit_layout 'clip' for what ViTModel lacks: CLIP's
+`pre_layrnorm` goes to the image encoder's pre-norm, the activation is quick-GELU and the LayerNorm eps 1e-5.
+ViT's patch-embedding bias, which CLIP lacks, is set to zero.
 
 Unused by design: the answer decoder (`text_decoder.*`: isubg ranks answers with a classification head, whose
 weights are new), pre-training heads (`vision_proj`, `text_proj`, `itm_head`, `bbox_head`, `temp`,
@@ -148,8 +148,12 @@ def _swin_stage(plan: Plan, src: str, dst: str, stage: int, blocks: list[int]) -
     plan.copy(f"{dm}norm.bias", f"{m}norm.bias")
 
 
-def clip_plan(state: dict[str, torch.Tensor], src: str, dst: str) -> Plan:
-    """X-VLM's CLIP-ViT keys under `src` onto a transformers ViTModel under `dst` (see the module docstring)."""
+def clip_plan(state: dict[str, torch.Tensor], src: str, dst: str, pre_norm: str | None = None) -> Plan:
+    """X-VLM's CLIP-ViT keys under `src` onto a transformers ViTModel under `dst` (see the module docstring).
+
+    `pre_norm`: the name of the LayerNorm that takes CLIP's `pre_layrnorm` (the ImageEncoder's, with
+    model.xvlm.vit_layout 'clip'); None: it stays unused.
+    """
     plan = Plan(kind="xvlm")
     plan.reshape(
         f"{dst}embeddings.cls_token", (f"{src}class_embedding",), "(D,) -> (1, 1, D)", lambda t: t.view(1, 1, -1)
@@ -165,7 +169,10 @@ def clip_plan(state: dict[str, torch.Tensor], src: str, dst: str) -> Plan:
         torch.zeros_like,
     )
     for kind in ("weight", "bias"):
-        plan.unused[f"{src}pre_layrnorm.{kind}"] = "CLIP's pre-encoder LayerNorm has no place in transformers' ViTModel"
+        if pre_norm is None:
+            plan.unused[f"{src}pre_layrnorm.{kind}"] = "CLIP's pre-encoder LayerNorm: no place in transformers' ViT"
+        else:
+            plan.copy(f"{pre_norm}.{kind}", f"{src}pre_layrnorm.{kind}")
         plan.copy(f"{dst}layernorm.{kind}", f"{src}post_layernorm.{kind}")
     plan.unused[f"{src}position_ids"] = "buffer"
     layers = {int(m.group(1)) for k in state if (m := re.match(re.escape(src) + r"encoder\.layers\.(\d+)\.", k))}
@@ -216,14 +223,16 @@ def xvlm_plan(state: dict[str, torch.Tensor]) -> Plan:
         plan.extend(swin)
         plan.sets += ["model.xvlm.vision=swin", f"model.xvlm.image_res={vision['image_res']}"]
     elif "vision_encoder.class_embedding" in state:
-        plan.extend(clip_plan(state, "vision_encoder.", _PREFIX + _BACKBONE))
+        plan.extend(clip_plan(state, "vision_encoder.", _PREFIX + _BACKBONE, _PREFIX + "vision.pre_norm"))
         patch = int(state["vision_encoder.patch_embed.weight"].shape[-1])
         side = round((state["vision_encoder.pos_embed.weight"].shape[0] - 1) ** 0.5)  # N = side^2 patches + [CLS]
         plan.sets += ["model.xvlm.vision=vit", f"model.xvlm.image_res={patch * side}"]
+        plan.switches["model.xvlm.vit_layout=clip"] = (
+            "CLIP's layout: a LayerNorm before the first layer, quick-GELU, LayerNorm eps 1e-5"
+        )
     plan.new[_PREFIX + "head."] = "answer classifier: X-VLM ranks answers with its decoder (text_decoder.*)"
     plan.new["adapted_w"] = "fusion weights of a one-branch model: any value gives that branch weight 1"
-    plan.switches = {
-        f"model.xvlm.cross_width={sizes['cross_width']}": "X-VLM's cross-attention keys/values read the vision "
-        "tokens at their own width, unprojected",
-    }
+    plan.switches[f"model.xvlm.cross_width={sizes['cross_width']}"] = (
+        "X-VLM's cross-attention keys/values read the vision tokens at their own width, unprojected"
+    )
     return plan

@@ -27,8 +27,9 @@ Deviations from X-VLM, and why:
   to the text width, for the same reason as the region tokens (not with X-VLM's cross_width, see above). Its weights
   start random; `isubg import-checkpoint xvlm` (isubg.importers.xvlm) maps an X-VLM checkpoint's Swin weights into
   it (`load_xvlm_checkpoint` below maps the text and fusion layers only). The ViT stands in for X-VLM's CLIP-ViT
-  (same sizes, HF ViT layout). With `memory_efficient_attention` the backbone recomputes activations in backward
-  (gradient checkpointing).
+  (same sizes, HF ViT layout); `model.xvlm.vit_layout: clip` adds what CLIP has and ViT lacks (a LayerNorm before
+  the first layer, quick-GELU, LayerNorm eps 1e-5), so an imported CLIP-ViT computes what X-VLM's does. With
+  `memory_efficient_attention` the backbone recomputes activations in backward (gradient checkpointing).
 - `model.xvlm.xvlm_config` (an X-VLM settings YAML) is applied by `build` through
   `isubg.models.xvlm_config.apply_xvlm_settings`; what it set is in `XvlmBranch.settings_report`.
 """
@@ -76,6 +77,7 @@ _DROPOUT = 0.1
 _LN_EPS = 1e-12
 _MIN_POSITIONS = 512
 _INIT_STD = 0.02
+_CLIP_LN_EPS = 1e-5  # CLIP's nn.LayerNorm default
 # X-VLM's pre_question removes these characters and turns '-' and '/' into spaces.
 _PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
 
@@ -201,14 +203,17 @@ class RegionEncoder(nn.Module):
         return self.dropout(tokens), torch.cat([always, box_mask], dim=1)
 
 
-def vision_config(kind: str, image_res: int, sizes: Mapping[str, Any] | None = None) -> SwinConfig | ViTConfig:
+def vision_config(
+    kind: str, image_res: int, sizes: Mapping[str, Any] | None = None, clip: bool = False
+) -> SwinConfig | ViTConfig:
     """X-VLM's image encoder sizes as a transformers config (built locally, nothing downloaded).
 
     'swin': Swin-B (patch 4, embed 128, depths 2/2/18/2, heads 4/8/16/32, window image_res/32: 15 at 480 px).
     'vit': ViT-B/16 (768 wide, 12 layers, 12 heads, FFN 3072), X-VLM's CLIP-ViT alternative.
     `sizes` overrides these with an X-VLM vision JSON's values, in its key names (`XvlmSettings.vision_sizes`:
     Swin embed_dim/depths/num_heads/window_size; ViT vision_width/patch_size/num_hidden_layers/num_attention_heads/
-    intermediate_size/hidden_act/attention_dropout).
+    intermediate_size/hidden_act/attention_dropout). `clip` (model.xvlm.vit_layout 'clip') gives the ViT CLIP's
+    quick-GELU (unless `sizes` names an activation) and LayerNorm eps 1e-5.
     """
     got = dict(sizes or {})
     if kind == "swin":
@@ -229,7 +234,8 @@ def vision_config(kind: str, image_res: int, sizes: Mapping[str, Any] | None = N
             num_hidden_layers=got.get("num_hidden_layers", 12),
             num_attention_heads=got.get("num_attention_heads", 12),
             intermediate_size=got.get("intermediate_size", 3072),
-            hidden_act=got.get("hidden_act", "gelu"),
+            hidden_act=got.get("hidden_act", "quick_gelu" if clip else "gelu"),
+            layer_norm_eps=_CLIP_LN_EPS if clip else ViTConfig().layer_norm_eps,
             attention_probs_dropout_prob=got.get("attention_dropout", 0.0),
         )
     raise ValueError(f"unknown vision encoder {kind!r}; expected 'swin' or 'vit'")
@@ -258,13 +264,16 @@ class ImageEncoder(nn.Module):
     it for model.xvlm.vision swin/vit.
 
     With `hidden_size` equal to the backbone's width and `project=False` the tokens are the backbone's own (X-VLM
-    feeds them to cross-attention as they are; model.xvlm.cross_width set to that width).
+    feeds them to cross-attention as they are; model.xvlm.cross_width set to that width). `pre_norm` (ViT only,
+    model.xvlm.vit_layout 'clip') normalises the patch and position embeddings before the first layer, as CLIP does.
 
     Shapes:
         pixel_values: (B, 3, R, R). Returns tokens (B, 1 + P, H) and mask (B, 1 + P) bool, all True.
     """
 
-    def __init__(self, config: SwinConfig | ViTConfig, hidden_size: int, project: bool = True) -> None:
+    def __init__(
+        self, config: SwinConfig | ViTConfig, hidden_size: int, project: bool = True, pre_norm: bool = False
+    ) -> None:
         super().__init__()
         if isinstance(config, SwinConfig):
             self.backbone: nn.Module = SwinModel(config, add_pooling_layer=True)
@@ -273,11 +282,23 @@ class ImageEncoder(nn.Module):
         else:
             raise TypeError(f"expected a SwinConfig or ViTConfig, got {type(config).__name__}")
         width = _backbone_width(config)
+        self.pre_norm: nn.LayerNorm | None = None
+        if pre_norm:
+            if not isinstance(config, ViTConfig):
+                raise ValueError("pre_norm (CLIP's layout) needs a ViT backbone")
+            self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+            # transformers' ViT has no norm between its embeddings and its first layer; a forward hook adds CLIP's
+            # without renaming any backbone weight.
+            self.backbone.embeddings.register_forward_hook(self._normalise_embeddings)
         if not project and width != hidden_size:
             raise ValueError(f"unprojected image tokens are {width} wide, not the {hidden_size} asked for")
         self.width = width
         self.proj: nn.Module = nn.Linear(width, hidden_size) if project else nn.Identity()
         self.norm: nn.Module = nn.LayerNorm(hidden_size, eps=_LN_EPS) if project else nn.Identity()
+
+    def _normalise_embeddings(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        assert self.pre_norm is not None
+        return self.pre_norm(output)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.backbone(pixel_values=pixel_values)
@@ -382,10 +403,11 @@ class XvlmBranch(nn.Module):
             self.vision = RegionEncoder(spec.feature_dim, cross_width)
         else:
             self.image_res = xcfg.image_res
-            vcfg = vision_config(xcfg.vision, xcfg.image_res, vision_sizes)
+            clip = xcfg.vision == "vit" and xcfg.vit_layout == "clip"
+            vcfg = vision_config(xcfg.vision, xcfg.image_res, vision_sizes, clip=clip)
             # X-VLM's layout (cross_width = the encoder's width): its tokens go to cross-attention as they are.
             project = _backbone_width(vcfg) != cross_width
-            self.vision = ImageEncoder(vcfg, cross_width, project=project)
+            self.vision = ImageEncoder(vcfg, cross_width, project=project, pre_norm=clip)
             if memory_efficient:
                 _checkpoint_backbone(self.vision.backbone)
         _init_bert_weights(self.embeddings)
