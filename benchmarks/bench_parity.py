@@ -22,7 +22,9 @@ eval mode, fp32, and print the largest absolute difference (goal: below 1e-4).
   up to the decoder: the fused encoder's last hidden states (all of them, and [CLS]). Image mode: Swin-B over 384 px
   images, then the text and fusion layers (also the vision tokens alone); region mode: both fed the same 37
   visual tokens (1024 wide, the last row padded), no vision encoder. Parity switch: model.xvlm.cross_width=1024
-  (keys/values read the unprojected vision tokens), which the import sets.
+  (keys/values read the unprojected vision tokens), which the import sets. The same again with X-VLM's
+  CLIP-ViT-B/16 at 224 px (configs/config_clipvitB.json; visual tokens 768 wide), parity switches cross_width=768
+  and model.xvlm.vit_layout=clip.
 * X-VLM import cost: the full-size X-VLM VQA checkpoint the worker wrote (random weights, 1.1 GiB) imported by
   `isubg import-checkpoint xvlm` in a child process: the command's own time, the wall time with interpreter
   start-up, the child's peak RSS (its ru_maxrss), and the mapped / reshaped / unused / new counts; the ban counts
@@ -164,10 +166,14 @@ def ban_parity(repo: Path, batch_size: int, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- xvlm
 
 
-def run_worker(python: Path, repo: Path, out: Path, batch_size: int) -> None:
+VISION_LABELS = {"swin": "Swin-B 384", "clip": "CLIP-ViT-B/16 224"}
+
+
+def run_worker(python: Path, repo: Path, out: Path, batch_size: int, vision: str) -> None:
     """benchmarks/xvlm_reference_worker.py under the transformers-4 interpreter."""
     worker = Path(__file__).resolve().parent / "xvlm_reference_worker.py"
     command = [str(python), str(worker), "--repo", str(repo), "--out", str(out), "--batch", str(batch_size)]
+    command += ["--vision", vision]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -184,8 +190,9 @@ def xvlm_sets(work: Path) -> list[str]:
     return [f"data.image_root={work}", f"model.xvlm.text_encoder={bert_vocab_folder(work / 'bert')}"]
 
 
-def xvlm_parity(source: Path, reference: Path, work: Path) -> list[dict[str, Any]]:
+def xvlm_parity(source: Path, reference: Path, work: Path, vision: str) -> list[dict[str, Any]]:
     """Image- and region-mode differences of the fused encoder states (module docstring)."""
+    label = VISION_LABELS[vision]
     imported = import_checkpoint("xvlm", source, sets=xvlm_sets(work))
     model = build_model(imported.config, DataSpec(**imported.state["spec"]))
     model.load_state_dict(imported.state["model"])
@@ -199,10 +206,10 @@ def xvlm_parity(source: Path, reference: Path, work: Path) -> list[dict[str, Any
         image_states = branch.fuse(ids, mask, tokens, token_mask)
         region_states = branch.fuse(ids, mask, ref["regions"], ref["region_mask"].bool())
     real = mask[..., None]  # padded positions hold values nobody reads, in both models
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mode, ours, theirs in (
-        ("image", image_states, ref["image_states"]),
-        ("region", region_states, ref["region_states"]),
+        (f"image ({label})", image_states, ref["image_states"]),
+        (f"region ({ref['regions'].shape[-1]}-wide tokens)", region_states, ref["region_states"]),
     ):
         rows.append(
             {
@@ -216,9 +223,13 @@ def xvlm_parity(source: Path, reference: Path, work: Path) -> list[dict[str, Any
     rows.append(
         {
             "model": "xvlm",
-            "mode": "vision tokens (Swin-B 384)",
+            "mode": f"vision tokens ({label})",
             "max_abs_diff": max_abs(tokens, ref["image_embeds"]),
             "logit_scale": float(ref["image_embeds"].abs().max()),
+            "import": label,
+            "counts": imported.report.to_json()["counts"],
+            "source": imported.report.source_summary(),
+            "switches": imported.report.switches,
         }
     )
     return rows
@@ -272,22 +283,23 @@ def main() -> None:
         work = Path(tmp)
         # The import cost first: a child's ru_maxrss starts at its parent's RSS at fork (Linux), so the parent
         # must still be small when the child is measured.
-        if args.xvlm_repo is not None and args.xvlm_python is not None:
-            run_worker(args.xvlm_python, args.xvlm_repo.resolve(), work / "xvlm", min(args.batch, 2))
-            source = work / "xvlm" / "xvlm_vqa.pth"
-            cost = xvlm_import_cost(source, work)
+        visions = ("swin", "clip") if args.xvlm_repo is not None and args.xvlm_python is not None else ()
+        for vision in visions:
+            run_worker(args.xvlm_python, args.xvlm_repo.resolve(), work / vision, min(args.batch, 2), vision)
+        if visions:
+            cost = xvlm_import_cost(work / "swin" / "xvlm_vqa.pth", work)
         if args.ban_repo is not None:
             rows.append(ban_parity(args.ban_repo.resolve(), args.batch, work))
         else:
             print("ban: skipped (no --ban-repo)")
-        if cost:
-            rows += xvlm_parity(source, work / "xvlm" / "reference.pt", work)
-        else:
+        for vision in visions:
+            rows += xvlm_parity(work / vision / "xvlm_vqa.pth", work / vision / "reference.pt", work, vision)
+        if not visions:
             print("xvlm: skipped (needs --xvlm-repo and --xvlm-python)")
-    print(f"{'model':6} {'mode':28} {'max |diff|':>12} {'scale':>10}  goal {GOAL:g}")
+    print(f"{'model':6} {'mode':36} {'max |diff|':>12} {'scale':>10}  goal {GOAL:g}")
     for row in rows:
         flag = "ok" if row["max_abs_diff"] < GOAL else "ABOVE GOAL"
-        print(f"{row['model']:6} {row['mode']:28} {row['max_abs_diff']:12.3e} {row['logit_scale']:10.3f}  {flag}")
+        print(f"{row['model']:6} {row['mode']:36} {row['max_abs_diff']:12.3e} {row['logit_scale']:10.3f}  {flag}")
     for row in rows:
         if "float64_max_abs_diff" in row:
             print(
@@ -296,7 +308,7 @@ def main() -> None:
                 f"float64 parity {row['float64_max_abs_diff']:.3e} (isubg's counter computes in float32); "
                 f"same predicted answer {row['same_predictions']}/{row['questions']}"
             )
-    counted = [("ban", r["counts"]) for r in rows if "counts" in r] + ([("xvlm", cost["counts"])] if cost else [])
+    counted = [(f"{r['model']} {r.get('import', '')}".strip(), r["counts"]) for r in rows if "counts" in r]
     for kind, counts in counted:
         print(f"{kind} import: " + ", ".join(f"{status} {c['tensors']}" for status, c in counts.items()))
     if cost:
