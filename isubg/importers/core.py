@@ -257,7 +257,7 @@ def apply_plan(
     """Copy the plan's tensors from `state` into `model` (in place) and report on every tensor on both sides.
 
     A rule whose sources are absent leaves its target missing; one whose result has another shape than the target
-    leaves it missing too, reported as mismatched with both names and shapes.
+    leaves it at its initial value, reported (once) as mismatched with both names and shapes.
 
     Raises:
         DataError: a rule's transform rejects its input (its message says why).
@@ -273,8 +273,7 @@ def apply_plan(
             used.update(rule.sources)
             entry = _apply_rule(rule, state, targets[rule.target])
             report.entries.append(entry)
-            if entry.status != "mismatched":
-                filled.add(rule.target)
+            filled.add(rule.target)  # a mismatched target is reported once, as mismatched
     for key, tensor in state.items():
         if key not in used:
             reason = plan.unused.get(key, NO_REASON)

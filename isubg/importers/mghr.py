@@ -100,6 +100,10 @@ def mghr_plan(state: dict[str, torch.Tensor]) -> Plan:
     _reasons(plan, state)
     plan.reshape("adapted_w", ("adapted_w",), "rows [ISubGVQA, X-VLM, fine] -> [cfrf, isubg, xvlm]", _reorder_rows)
     plan.new["branches.isubg."] = _ISUBG_REASON
+    for part in ("entity_fusion.", "stat_fusion.", "box_proj."):
+        plan.new[_CFRF + part] = (
+            "isubg's entity / stat-word fusion and box projection: MGHR's qe_joint / vs_joint differ"
+        )
     plan.sets = [
         "model.branches=[cfrf, isubg, xvlm]",
         f"model.cfrf.num_hid={sizes['num_hid']}",

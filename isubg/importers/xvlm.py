@@ -230,6 +230,8 @@ def xvlm_plan(state: dict[str, torch.Tensor]) -> Plan:
         plan.switches["model.xvlm.vit_layout=clip"] = (
             "CLIP's layout: a LayerNorm before the first layer, quick-GELU, LayerNorm eps 1e-5"
         )
+    else:
+        plan.new[_PREFIX + "vision."] = "region-token encoder: isubg's (the file has no vision encoder)"
     plan.new[_PREFIX + "head."] = "answer classifier: X-VLM ranks answers with its decoder (text_decoder.*)"
     plan.new["adapted_w"] = "fusion weights of a one-branch model: any value gives that branch weight 1"
     plan.switches[f"model.xvlm.cross_width={sizes['cross_width']}"] = (
