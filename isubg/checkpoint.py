@@ -40,6 +40,7 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "CheckpointClock",
     "find_checkpoint",
+    "initialise_from",
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",
@@ -93,6 +94,40 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"{path}: checkpoint format version {state['version']}; this isubg reads version {CHECKPOINT_VERSION}"
         )
     return state
+
+
+def initialise_from(model: torch.nn.Module, path: Path, vocab: str) -> str:
+    """Copy the model weights of the isubg checkpoint `path` into `model` (train.init_from); returns a summary line.
+
+    Only weights are read: optimizers, schedule and position start fresh. Every tensor of `model` must be in the
+    file with the same shape, and the file must hold nothing else. A file written by `isubg import-checkpoint`
+    without --data has no vocabulary checksum; its word and answer rows are taken to follow the data's order.
+
+    Raises:
+        DataError: unreadable file (see `load_checkpoint`), another vocabulary than the data's, or weights that do
+            not fit `model` (each disagreement named with both shapes).
+    """
+    state = load_checkpoint(path)
+    saved, own = state["model"], model.state_dict()
+    if state.get("vocab_sha256") not in (None, vocab):
+        raise DataError(f"train.init_from={path} was trained on another dictionary/answer list than this data")
+    problems = [
+        f"{k} {list(v.shape)} in the file vs {list(own[k].shape)} in the model"
+        for k, v in saved.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    problems += [f"{k} only in the model" for k in own if k not in saved]
+    problems += [f"{k} only in the file" for k in saved if k not in own]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise DataError(
+            f"train.init_from={path} does not fit the model these settings build ({shown}); train with the "
+            "settings it was written with (for an import: --config OUT.yaml)"
+        )
+    model.load_state_dict(saved)
+    origin = state.get("imported", {})
+    source = f" (imported from {origin.get('kind')} {origin.get('path')})" if origin else ""
+    return f"initialised all {len(own)} model tensors from {path}{source}"
 
 
 def find_checkpoint(path: Path) -> Path:

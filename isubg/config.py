@@ -208,6 +208,12 @@ class CfrfConfig(_Section):
         "rescaled to one size) or 'none' (plain residuals, as the reference).",
     )
     num_hid: Int = _p(1024, "Joint representation width (any value works).", advice=_range(512, 2048), guide=True, ge=1)
+    box_input: Literal["projected", "features"] = _p(
+        "projected",
+        "What BAN's box side reads: 'projected' (the boxes' features and spatials projected once to num_hid; the AoA "
+        "layers and the stat-word fusion refine that stream) or 'features' (the raw box features, as ban-vqa: each "
+        "attention and pooling net projects them itself; needs AOA_layers=0; what `isubg import-checkpoint ban` sets).",
+    )
     activation: Literal["relu", "swish", "gelu", "tanh"] = _p(
         "swish", "Classifier activation.", advice=_choices("relu", "swish"), guide=True
     )
@@ -267,12 +273,26 @@ class XvlmConfig(_Section):
         "regions", "Visual tokens: projected region features, or a Swin/ViT encoder over data.image_root."
     )
     image_res: Int = _p(480, "Image resolution for the Swin/ViT encoder.", ge=32)
+    vit_layout: Literal["vit", "clip"] = _p(
+        "vit",
+        "Layout of the ViT image encoder (vision: vit): 'vit' (transformers' ViT) or 'clip' (X-VLM's CLIP-ViT: a "
+        "LayerNorm on the patch and position embeddings before the first layer, quick-GELU, LayerNorm eps 1e-5); "
+        "`isubg import-checkpoint xvlm` sets 'clip' for CLIP-ViT checkpoints.",
+    )
     hidden_size: Int = _p(768, "Transformer width.", ge=8)
     num_heads: Int = _p(12, "Attention heads (must divide hidden_size).", ge=1)
     num_text_layers: Int = _p(6, "Text-only BERT layers.", ge=0)
     num_cross_layers: Int = _p(6, "BERT layers with cross-attention to the visual tokens.", ge=1)
     intermediate_size: Int = _p(3072, "Feed-forward width of each transformer layer.", ge=1)
     max_tokens: Int = _p(40, "Maximum question tokens for the X-VLM tokenizer.", ge=1)
+    cross_width: Int | None = _p(
+        None,
+        "Width of the visual tokens the cross-attention keys/values read: unset = hidden_size (visual tokens are "
+        "projected to the text width); a number (X-VLM: 1024 for Swin-B, 768 for ViT-B) = X-VLM's layout, where "
+        "keys/values read the vision encoder's tokens as they are (no projection with swin/vit when it equals the "
+        "encoder width; region tokens are projected to it). Set by `isubg import-checkpoint xvlm`.",
+        ge=1,
+    )
     topk: Int = _p(
         6,
         "Top-K of the X-VLM candidate loss (training only): a soft cross-entropy over the K highest-scoring answers "
@@ -337,6 +357,11 @@ class TrainConfig(_Section):
     update_freq: Int = _p(4, "Optimizer step every N accumulated micro-batches.", advice=_range(2, 8), guide=True, ge=1)
     seed: Int = _p(1204, "Random seed; the same seed reproduces a run.", guide=True, ge=0)
     output: Path | None = _p(None, "Run directory; unset: runs/<date>-<time>-<preset>.", guide=True)
+    init_from: Path | None = _p(
+        None,
+        "Start a new run from the model weights of this isubg checkpoint (e.g. one written by `isubg import-checkpoint`"
+        "); optimizers, schedule and position start fresh; every weight must fit. Unset: random initialisation.",
+    )
     schedule: Literal["ban", "constant"] = _p(
         "ban",
         "Learning-rate schedule of the main (Adamax) optimizer: BAN warm-up/step decay scaled to epochs, or constant.",
@@ -473,6 +498,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"model.xvlm.vision={x.vision!r} encodes images, so data.image_root must name the image folder "
                 "(or use vision: regions)"
+            )
+        if "cfrf" in self.model.branches and self.model.cfrf.box_input == "features" and self.model.cfrf.AOA_layers:
+            raise ValueError(
+                "model.cfrf.box_input='features' feeds BAN the raw box features, which the AoA layers (width num_hid) "
+                "cannot read; set AOA_layers=0 or box_input='projected'"
             )
         return self
 
@@ -677,6 +707,8 @@ def _no_effect_rules(cfg: RunConfig) -> list[tuple[str, str]]:
     x = cfg.model.xvlm
     if x.vision == "regions" and (x.xvlm_config is None or cfg.data.image_root is None):
         rules.append(("model.xvlm.image_res", "model.xvlm.vision is 'regions' (region features, no image pixels)"))
+    if x.vision != "vit" and (x.xvlm_config is None or cfg.data.image_root is None):
+        rules.append(("model.xvlm.vit_layout", "model.xvlm.vision is not 'vit'"))
     return rules
 
 

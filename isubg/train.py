@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 from isubg.checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointClock,
+    initialise_from,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -617,6 +618,7 @@ def train(
     steps_per_epoch = math.ceil(micro_batches / (cfg.train.update_freq * cfg.optim.gradient_accumulation_steps))
     t = make_trainer(cfg, model, steps_per_epoch, device, precision, procs)
     vocab = vocab_checksum(data_dir)
+    initialised = initialise_from(model, cfg.train.init_from, vocab) if cfg.train.init_from and not resume else ""
     spec_sizes = {k: getattr(spec, k) for k in ("num_words", "num_answers", "num_graph_tokens", "feature_dim")}
     last = run_dir / "checkpoints" / "last.pt"
     if resume:
@@ -636,6 +638,8 @@ def train(
     ui.start(cfg, device, procs.world, position, counts, precision, len(train_set), len(val_set), baseline, data_dir)
     if fitted:
         ui.log(fitted)
+    if initialised:
+        ui.log(initialised)
     return _run_epochs(t, train_set, val_set, ui, run_dir, spec_sizes, vocab, baseline, stop_after_steps, on_epoch)
 
 

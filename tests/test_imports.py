@@ -67,6 +67,12 @@ LAYERS = {
     "isubg.runlog": 7,
     "isubg.train": 8,
     "isubg.plans": 4,
+    "isubg.importers": 0,  # the package holds only KINDS; its modules:
+    "isubg.importers.core": 3,
+    "isubg.importers.ban": 4,
+    "isubg.importers.xvlm": 6,
+    "isubg.importers.mghr": 6.5,
+    "isubg.importers.convert": 8.5,
     "isubg.tune_report": 8,
     "isubg.tune": 9,
     "isubg.cli": 10,

@@ -51,6 +51,10 @@ TABLES = {
 
 # Settings the tables above do not cover: path -> the test that shows the setting's effect.
 SHOWN_BY: dict[str, str] = {
+    "model.cfrf.box_input": "tests/test_importers.py::test_box_input_features_feeds_ban_the_raw_boxes",
+    "model.xvlm.cross_width": "tests/test_importers.py::test_cross_width_sets_the_width_cross_attention_reads",
+    "model.xvlm.vit_layout": "tests/test_importers.py::test_vit_layout_clip_computes_what_x_vlm_clip_vit_computes",
+    "train.init_from": "tests/test_importers.py::test_cli_import_then_train_and_eval_start_from_it",
     "data.dataset": (
         "tests/test_cli_train.py::test_eval_exports_official_formats_that_score_like_the_official_scripts[vqa]"
     ),

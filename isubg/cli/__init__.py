@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from isubg import __version__
-from isubg.cli import data, eval, gpu, preset, profile_memory, report, train, tune
+from isubg.cli import data, eval, gpu, import_checkpoint, preset, profile_memory, report, train, tune
 
 app = typer.Typer(
     name="isubg",
@@ -28,6 +28,7 @@ app.command("eval")(eval.evaluate_run)
 app.command("report")(report.report)
 app.command("gpu")(gpu.gpu)
 app.command("profile-memory")(profile_memory.profile_memory)
+app.command("import-checkpoint")(import_checkpoint.import_checkpoint)
 
 
 def _version(value: bool) -> None:

@@ -37,6 +37,15 @@ ResumeOpt = Annotated[
         "(--set/flags still apply, e.g. --epochs to train longer).",
     ),
 ]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="Start from the model weights of this isubg checkpoint (e.g. from `isubg import-checkpoint`); sets "
+        "train.init_from.",
+    ),
+]
 StepsOpt = Annotated[
     int | None,
     typer.Option("--max-steps", metavar="N", help="Stop (and checkpoint, as on Ctrl-C) after N optimizer steps."),
@@ -81,6 +90,7 @@ def train(
     set_: SetOpt = None,
     data: DataOpt = None,
     resume: ResumeOpt = None,
+    init_from: InitOpt = None,
     max_steps: StepsOpt = None,
     json_output: JsonOpt = False,
     *,
@@ -99,6 +109,8 @@ def train(
         sets = list(set_ or [])
         if data is not None:
             sets.append(f"data.root={data}")
+        if init_from is not None:
+            sets.append(f"train.init_from={init_from}")
         if resume is not None:
             if config is not None:
                 raise ConfigError("--resume uses the run's saved config.yaml; give changes with --set or flags")

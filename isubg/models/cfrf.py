@@ -20,6 +20,10 @@ Data flow for B questions of L tokens, K boxes of width D, S stat words, H = num
    q <- q + prj(Zhang counter over the map's top-10 boxes).
 7. Answer: Classifier(sum of q over real tokens).
 
+With `box_input` 'features' step 4's projection is skipped: BAN's attention and pooling nets (and the stat-word
+fusion) read the raw D-wide box features, as ban-vqa's BAN does, so a ban-vqa checkpoint computes the same here
+(AoA needs the H-wide stream, so it requires AOA_layers = 0). `isubg import-checkpoint ban` sets it.
+
 Hyperparameters (model.cfrf unless noted): gamma = attention maps, residual steps and per-glimpse nets;
 use_counter = build and use the counter; counter_act = its eight maps f_k ("zhang": learned monotone
 piecewise-linear, 16 segments; "identity": f(x) = x, no parameters); AOA_layers = AoA depth (0 = none);
@@ -445,13 +449,15 @@ class _Ban(nn.Module):
     (the map's logits max-pooled over real tokens).
 
     Shapes:
-        q: (B, L, H), q_mask: (B, L); v: (B, K, H), v_mask: (B, K); boxes: (B, K, 4) -> (B, L, H)
+        q: (B, L, H), q_mask: (B, L); v: (B, K, V), v_mask: (B, K); boxes: (B, K, 4) -> (B, L, H).
+        V = `v_dim`: H for the projected box stream, D for raw box features (box_input 'features').
     """
 
-    def __init__(self, hid: int, glimpses: int, counter_act: str | None) -> None:
+    def __init__(self, hid: int, glimpses: int, counter_act: str | None, v_dim: int | None = None) -> None:
         super().__init__()
-        self.attention = _BilinearAttention(hid, hid, hid, glimpses, bias=counter_act is not None, rank=BAN_RANK)
-        self.pools = nn.ModuleList(_BilinearPool(hid, hid, hid) for _ in range(glimpses))
+        v_dim = hid if v_dim is None else v_dim
+        self.attention = _BilinearAttention(hid, v_dim, hid, glimpses, bias=counter_act is not None, rank=BAN_RANK)
+        self.pools = nn.ModuleList(_BilinearPool(hid, v_dim, hid) for _ in range(glimpses))
         self.q_prj = nn.ModuleList(_fc(hid, hid, relu=False) for _ in range(glimpses))
         self.counter = _Counter(counter_act) if counter_act is not None else None
         self.c_prj = (
@@ -491,6 +497,8 @@ class CfrfBranch(nn.Module):
         num_answers: answer vocabulary size A.
         feature_dim: box feature width D.
         num_hid: width H of every hidden representation.
+        box_input: "projected" (boxes and spatials projected once to H; AoA and the stat-word fusion refine that
+            stream) or "features" (BAN's nets read the raw D-wide box features, as ban-vqa; needs aoa_layers=0).
         gamma: BAN glimpses (>= 1).
         use_counter: add the Zhang counter to every glimpse.
         counter_act: "zhang" or "identity" maps inside the counter (used only with use_counter).
@@ -511,6 +519,7 @@ class CfrfBranch(nn.Module):
         num_answers: int,
         feature_dim: int,
         num_hid: int = 1024,
+        box_input: str = "projected",
         gamma: int = 2,
         use_counter: bool = False,
         counter_act: str = "zhang",
@@ -527,16 +536,21 @@ class CfrfBranch(nn.Module):
         super().__init__()
         if num_hid < 1 or gamma < 1 or aoa_layers < 0:
             raise ValueError(f"need num_hid >= 1, gamma >= 1, aoa_layers >= 0; got {num_hid}, {gamma}, {aoa_layers}")
+        if box_input not in ("projected", "features") or (box_input == "features" and aoa_layers):
+            raise ValueError(f"box_input must be 'projected', or 'features' with aoa_layers=0; got {box_input!r}")
         self.memory_efficient = memory_efficient
         self.words = _WordEmbedding(num_words, glove, tfidf)
         self.gru = nn.GRU(self.words.dim, num_hid, batch_first=True)
         # A fusion weighted by 0 adds exactly nothing, so it is not built (no dead parameters, no wasted
         # compute): omega = 0 switches that fusion off.
         self.entity_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_q) if omega_q > 0 else None
-        self.box_proj = nn.Sequential(nn.Linear(feature_dim + 6, num_hid), nn.ReLU())
-        self.stat_fusion = _GatedFusion(num_hid, self.words.dim, num_hid, omega_v) if omega_v > 0 else None
+        # box_input 'features': BAN's own nets project the raw boxes (ban-vqa), so there is no shared projection.
+        projected = box_input == "projected"
+        self.box_proj = nn.Sequential(nn.Linear(feature_dim + 6, num_hid), nn.ReLU()) if projected else None
+        v_dim = num_hid if projected else feature_dim
+        self.stat_fusion = _GatedFusion(v_dim, self.words.dim, num_hid, omega_v) if omega_v > 0 else None
         self.aoa = _AoAStack(num_hid, aoa_layers, aoa_norm)
-        self.ban = _Ban(num_hid, gamma, counter_act if use_counter else None)
+        self.ban = _Ban(num_hid, gamma, counter_act if use_counter else None, v_dim)
         self.classifier = Classifier(num_hid, 2 * num_hid, num_answers, activation, dropout)
 
     def forward(self, batch: Batch) -> BranchOutput:
@@ -546,7 +560,8 @@ class CfrfBranch(nn.Module):
             batch.q_tokens, q_mask, entity_mask: (B, L); batch.features: (B, K, D); batch.spatials: (B, K, 6);
             batch.box_mask: (B, K); batch.stat_tokens, stat_mask: (B, S)
             -> BranchOutput.logits (B, A); node_mask None (this branch does not select graph nodes).
-            Inside: words (B, L, E), E = 300 or 600; q (B, L, H); boxes v (B, K, H); stat words (B, S, E);
+            Inside: words (B, L, E), E = 300 or 600; q (B, L, H); boxes v (B, K, H), or (B, K, D) with box_input
+            'features'; stat words (B, S, E);
             BAN maps (B, gamma, L, K); counter (B, 11) per glimpse.
         """
         chunked = self.memory_efficient
@@ -557,10 +572,10 @@ class CfrfBranch(nn.Module):
         # The recurrence runs in float32 with autocast off: half-precision errors compound over the steps, and
         # CUDA autocast would hand cuDNN's RNN a low-precision input; the GRU is a small share of the work.
         with torch.autocast(words.device.type, enabled=False):
-            q = self.gru(words.float())[0]
+            q = self.gru(words.to(self.gru.weight_ih_l0.dtype))[0]  # float32 unless the model was cast
         if self.entity_fusion is not None:
             q = self.entity_fusion(q, q_mask, words, batch.entity_mask & q_mask, chunked)
-        v = self.box_proj(torch.cat([batch.features, batch.spatials], -1))
+        v = batch.features if self.box_proj is None else self.box_proj(torch.cat([batch.features, batch.spatials], -1))
         if self.stat_fusion is not None:
             v = self.stat_fusion(v, box_mask, self.words(batch.stat_tokens), batch.stat_mask, chunked)
         q, v = self.aoa(q, q_mask, v, box_mask, chunked)
@@ -587,6 +602,7 @@ def build(cfg: RunConfig, spec: DataSpec) -> CfrfBranch:
         num_answers=spec.num_answers,
         feature_dim=spec.feature_dim,
         num_hid=c.num_hid,
+        box_input=c.box_input,
         gamma=c.gamma,
         use_counter=c.use_counter,
         counter_act=c.counter_act,

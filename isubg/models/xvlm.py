@@ -14,18 +14,22 @@ Deviations from X-VLM, and why:
   gold ones, like MGHR's `--tune_xvlm` candidate loss.
 - Visual tokens default to region features: each box (features + 6 spatials) goes through a LayerNorm'd linear
   projection straight to the text width, and a global [IMG] token (masked mean of the boxes plus a learned vector)
-  comes first, in the place of Swin's average-pooled token. X-VLM's 1024-wide vision tokens are not reproduced:
-  `transformers` 5 cross-attention takes keys/values at the text width, so a checkpoint's 1024-wide cross K/V are
-  reported as shape mismatches by `load_xvlm_checkpoint`, never silently dropped.
+  comes first, in the place of Swin's average-pooled token. By default the visual tokens are projected to the text
+  width, where `transformers` builds cross-attention keys/values. `model.xvlm.cross_width` (set by `isubg
+  import-checkpoint xvlm`, 1024 for Swin-B) gives X-VLM's layout instead: keys/values read tokens of that width,
+  Swin/ViT tokens go in unprojected when the width is the encoder's, and region tokens are projected to it.
 - Text: with `model.xvlm.text_encoder` naming a local BERT folder (vocab.txt) the raw question is cleaned as X-VLM
   does (`pre_question`), WordPiece-tokenized and cut to `max_tokens`. Without it (the offline default) the isubg
   word ids are used with an embedding of `num_words + 2` rows ([CLS] and [SEP] appended); a real checkpoint's word
   embeddings then mismatch and are reported, so real weights need the real tokenizer folder.
 - `vision: swin|vit` encodes `Batch.images` (data.image_root, preprocessed by isubg.data.images at `image_res`) with
   a `transformers` Swin or ViT (`ImageEncoder`, built from a config, nothing downloaded) whose tokens are projected
-  to the text width, for the same reason as the region tokens. Its weights start random: a checkpoint's timm-named
-  `vision_encoder.*` tensors are reported as unmapped. The ViT stands in for X-VLM's CLIP-ViT (same sizes, HF ViT
-  layout). With `memory_efficient_attention` the backbone recomputes activations in backward (gradient checkpointing).
+  to the text width, for the same reason as the region tokens (not with X-VLM's cross_width, see above). Its weights
+  start random; `isubg import-checkpoint xvlm` (isubg.importers.xvlm) maps an X-VLM checkpoint's Swin weights into
+  it (`load_xvlm_checkpoint` below maps the text and fusion layers only). The ViT stands in for X-VLM's CLIP-ViT
+  (same sizes, HF ViT layout); `model.xvlm.vit_layout: clip` adds what CLIP has and ViT lacks (a LayerNorm before
+  the first layer, quick-GELU, LayerNorm eps 1e-5), so an imported CLIP-ViT computes what X-VLM's does. With
+  `memory_efficient_attention` the backbone recomputes activations in backward (gradient checkpointing).
 - `model.xvlm.xvlm_config` (an X-VLM settings YAML) is applied by `build` through
   `isubg.models.xvlm_config.apply_xvlm_settings`; what it set is in `XvlmBranch.settings_report`.
 """
@@ -73,6 +77,7 @@ _DROPOUT = 0.1
 _LN_EPS = 1e-12
 _MIN_POSITIONS = 512
 _INIT_STD = 0.02
+_CLIP_LN_EPS = 1e-5  # CLIP's nn.LayerNorm default
 # X-VLM's pre_question removes these characters and turns '-' and '/' into spaces.
 _PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
 
@@ -137,14 +142,20 @@ class FusionLayer(nn.Module):
     follow BERT (`attention`, `crossattention`, `intermediate`, `output`) so checkpoint keys map one to one.
 
     Shapes:
-        hidden: (B, T, H); self_mask: (B, 1, 1, T) additive; visual: (B, V, H); visual_mask: (B, 1, 1, V)
-        additive. Returns (B, T, H).
+        hidden: (B, T, H); self_mask: (B, 1, 1, T) additive; visual: (B, V, C), C = cross_width (default H);
+        visual_mask: (B, 1, 1, V) additive. Returns (B, T, H).
     """
 
-    def __init__(self, config: BertConfig, cross: bool) -> None:
+    def __init__(self, config: BertConfig, cross: bool, cross_width: int | None = None) -> None:
         super().__init__()
         self.attention = BertAttention(config, is_causal=False)
         self.crossattention = BertAttention(config, is_causal=False, is_cross_attention=True) if cross else None
+        if self.crossattention is not None and cross_width is not None and cross_width != config.hidden_size:
+            # X-VLM's layout: keys and values read the vision encoder's tokens at their own width (1024 for Swin-B);
+            # transformers builds them at the text width, so they are replaced by projections from cross_width.
+            heads = self.crossattention.self
+            heads.key = nn.Linear(cross_width, config.hidden_size)
+            heads.value = nn.Linear(cross_width, config.hidden_size)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
@@ -192,14 +203,17 @@ class RegionEncoder(nn.Module):
         return self.dropout(tokens), torch.cat([always, box_mask], dim=1)
 
 
-def vision_config(kind: str, image_res: int, sizes: Mapping[str, Any] | None = None) -> SwinConfig | ViTConfig:
+def vision_config(
+    kind: str, image_res: int, sizes: Mapping[str, Any] | None = None, clip: bool = False
+) -> SwinConfig | ViTConfig:
     """X-VLM's image encoder sizes as a transformers config (built locally, nothing downloaded).
 
     'swin': Swin-B (patch 4, embed 128, depths 2/2/18/2, heads 4/8/16/32, window image_res/32: 15 at 480 px).
     'vit': ViT-B/16 (768 wide, 12 layers, 12 heads, FFN 3072), X-VLM's CLIP-ViT alternative.
     `sizes` overrides these with an X-VLM vision JSON's values, in its key names (`XvlmSettings.vision_sizes`:
     Swin embed_dim/depths/num_heads/window_size; ViT vision_width/patch_size/num_hidden_layers/num_attention_heads/
-    intermediate_size/hidden_act/attention_dropout).
+    intermediate_size/hidden_act/attention_dropout). `clip` (model.xvlm.vit_layout 'clip') gives the ViT CLIP's
+    quick-GELU (unless `sizes` names an activation) and LayerNorm eps 1e-5.
     """
     got = dict(sizes or {})
     if kind == "swin":
@@ -220,10 +234,18 @@ def vision_config(kind: str, image_res: int, sizes: Mapping[str, Any] | None = N
             num_hidden_layers=got.get("num_hidden_layers", 12),
             num_attention_heads=got.get("num_attention_heads", 12),
             intermediate_size=got.get("intermediate_size", 3072),
-            hidden_act=got.get("hidden_act", "gelu"),
+            hidden_act=got.get("hidden_act", "quick_gelu" if clip else "gelu"),
+            layer_norm_eps=_CLIP_LN_EPS if clip else ViTConfig().layer_norm_eps,
             attention_probs_dropout_prob=got.get("attention_dropout", 0.0),
         )
     raise ValueError(f"unknown vision encoder {kind!r}; expected 'swin' or 'vit'")
+
+
+def _backbone_width(config: SwinConfig | ViTConfig) -> int:
+    """Width of the tokens a Swin (last stage) or ViT backbone puts out."""
+    if isinstance(config, SwinConfig):
+        return config.embed_dim * 2 ** (len(config.depths) - 1)
+    return config.hidden_size
 
 
 def _checkpoint_backbone(backbone: nn.Module) -> None:
@@ -241,22 +263,42 @@ class ImageEncoder(nn.Module):
     Swin tokens are [average-pooled token, patches] as in X-VLM; ViT tokens are [CLS, patches]. `XvlmBranch` uses
     it for model.xvlm.vision swin/vit.
 
+    With `hidden_size` equal to the backbone's width and `project=False` the tokens are the backbone's own (X-VLM
+    feeds them to cross-attention as they are; model.xvlm.cross_width set to that width). `pre_norm` (ViT only,
+    model.xvlm.vit_layout 'clip') normalises the patch and position embeddings before the first layer, as CLIP does.
+
     Shapes:
         pixel_values: (B, 3, R, R). Returns tokens (B, 1 + P, H) and mask (B, 1 + P) bool, all True.
     """
 
-    def __init__(self, config: SwinConfig | ViTConfig, hidden_size: int) -> None:
+    def __init__(
+        self, config: SwinConfig | ViTConfig, hidden_size: int, project: bool = True, pre_norm: bool = False
+    ) -> None:
         super().__init__()
         if isinstance(config, SwinConfig):
             self.backbone: nn.Module = SwinModel(config, add_pooling_layer=True)
-            width = config.embed_dim * 2 ** (len(config.depths) - 1)
         elif isinstance(config, ViTConfig):
             self.backbone = ViTModel(config, add_pooling_layer=False)
-            width = config.hidden_size
         else:
             raise TypeError(f"expected a SwinConfig or ViTConfig, got {type(config).__name__}")
-        self.proj = nn.Linear(width, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=_LN_EPS)
+        width = _backbone_width(config)
+        self.pre_norm: nn.LayerNorm | None = None
+        if pre_norm:
+            if not isinstance(config, ViTConfig):
+                raise ValueError("pre_norm (CLIP's layout) needs a ViT backbone")
+            self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+            # transformers' ViT has no norm between its embeddings and its first layer; a forward hook adds CLIP's
+            # without renaming any backbone weight.
+            self.backbone.embeddings.register_forward_hook(self._normalise_embeddings)
+        if not project and width != hidden_size:
+            raise ValueError(f"unprojected image tokens are {width} wide, not the {hidden_size} asked for")
+        self.width = width
+        self.proj: nn.Module = nn.Linear(width, hidden_size) if project else nn.Identity()
+        self.norm: nn.Module = nn.LayerNorm(hidden_size, eps=_LN_EPS) if project else nn.Identity()
+
+    def _normalise_embeddings(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        assert self.pre_norm is not None
+        return self.pre_norm(output)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.backbone(pixel_values=pixel_values)
@@ -350,15 +392,22 @@ class XvlmBranch(nn.Module):
         vocab = len(tokenizer) if tokenizer is not None else spec.num_words + 2
         self.config = bert_config(xcfg, vocab, memory_efficient)
         self.embeddings = BertEmbeddings(self.config)
+        cross_width = xcfg.cross_width or xcfg.hidden_size
         self.text_layers = nn.ModuleList(FusionLayer(self.config, cross=False) for _ in range(xcfg.num_text_layers))
-        self.cross_layers = nn.ModuleList(FusionLayer(self.config, cross=True) for _ in range(xcfg.num_cross_layers))
+        self.cross_layers = nn.ModuleList(
+            FusionLayer(self.config, cross=True, cross_width=cross_width) for _ in range(xcfg.num_cross_layers)
+        )
         self.image_res: int | None = None
         self.vision: RegionEncoder | ImageEncoder
         if xcfg.vision == "regions":
-            self.vision = RegionEncoder(spec.feature_dim, xcfg.hidden_size)
+            self.vision = RegionEncoder(spec.feature_dim, cross_width)
         else:
             self.image_res = xcfg.image_res
-            self.vision = ImageEncoder(vision_config(xcfg.vision, xcfg.image_res, vision_sizes), xcfg.hidden_size)
+            clip = xcfg.vision == "vit" and xcfg.vit_layout == "clip"
+            vcfg = vision_config(xcfg.vision, xcfg.image_res, vision_sizes, clip=clip)
+            # X-VLM's layout (cross_width = the encoder's width): its tokens go to cross-attention as they are.
+            project = _backbone_width(vcfg) != cross_width
+            self.vision = ImageEncoder(vcfg, cross_width, project=project, pre_norm=clip)
             if memory_efficient:
                 _checkpoint_backbone(self.vision.backbone)
         _init_bert_weights(self.embeddings)
@@ -422,7 +471,7 @@ class XvlmBranch(nn.Module):
                 f"the batch's images are {tuple(images.shape[1:])}, but the X-VLM image encoder was built for "
                 f"(3, {self.image_res}, {self.image_res}) (model.xvlm.image_res); give the dataset the same image_res"
             )
-        return self.vision(images.to(self.vision.proj.weight.dtype))
+        return self.vision(images.to(next(self.vision.backbone.parameters()).dtype))
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Question states after the text layers and the fusion layers.
@@ -431,15 +480,28 @@ class XvlmBranch(nn.Module):
             returns states (B, T, H) and the text mask (B, T) bool; padded positions hold values nobody reads.
         """
         ids, mask = self.text_inputs(batch)
+        visual, visual_mask = self.visual_tokens(batch)
+        return self.fuse(ids, mask, visual, visual_mask), mask
+
+    def fuse(
+        self, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The text layers over token ids, then the fusion layers attending to given visual tokens.
+
+        This is X-VLM's text encoder in multimodal mode (what its VQA model feeds its answer decoder).
+
+        Shapes:
+            ids, mask: (B, T) int64 / bool; visual: (B, V, C), C = cross width; visual_mask: (B, V) bool.
+            Returns states (B, T, H).
+        """
         hidden = self.embeddings(input_ids=ids)
         self_mask = _additive_mask(mask, hidden.dtype)
-        visual, visual_mask = self.visual_tokens(batch)
         cross_mask = _additive_mask(visual_mask, hidden.dtype)
         for layer in self.text_layers:
             hidden = self._run(layer, hidden, self_mask)
         for layer in self.cross_layers:
             hidden = self._run(layer, hidden, self_mask, visual, cross_mask)
-        return hidden, mask
+        return hidden
 
     def forward(self, batch: Batch) -> BranchOutput:
         """Answer logits for a batch.
