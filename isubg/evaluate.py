@@ -123,7 +123,9 @@ class _Scoring:
             raise DataError(
                 f"{dataset.folder}/manifest.json: 'dataset' must be gqa or vqa, found {self.dataset_name!r}"
             )
-        self.records = {str(r["question_id"]): r for r in dataset.records}
+        # Question id -> item; a record dict is built only for the questions scored, never for the whole split.
+        self.records = dataset.records
+        self.index = {qid: i for i, qid in enumerate(dataset.records.column_text("question_id"))}
         self.labels = dataset.answers.label2ans
         self.scorer = VocabScorer(self.dataset_name, self.labels)
         self.names, self.primary = names, primary
@@ -133,7 +135,7 @@ class _Scoring:
 
     def record(self, question_id: str) -> Mapping[str, Any]:
         try:
-            return self.records[question_id]
+            return self.records.record(self.index[question_id])
         except KeyError:
             raise DataError(f"question {question_id} from the loader is not among the dataset's records") from None
 

@@ -742,12 +742,14 @@ def default_run_dir(preset: str, root: Path = Path("runs")) -> Path:
 
 def majority_baseline(train_set: VQADataset, val_set: VQADataset) -> float | None:
     """Validation accuracy of always giving the most frequent training answer (None without validation answers)."""
-    counts = Counter(r["answer"] for r in train_set.records if r.get("answer"))
-    if not counts or val_set.records[0].get("answer") is None:
+    train, val = train_set.records, val_set.records
+    answered = train.column("answered").astype(bool)
+    counts = Counter(a for a, ok in zip(train.column_text("answer"), answered, strict=True) if ok and a)
+    if not counts or not val.answered(0):
         return None
     answer = counts.most_common(1)[0][0]
     if train_set.manifest["dataset"].upper() == "VQA":
-        scores = [vqa_accuracy(answer, r["answers"]) for r in val_set.records]
+        scores = [vqa_accuracy(answer, val.human_answers(i)) for i in range(len(val))]
     else:
-        scores = [gqa_accuracy(answer, r["answer"]) for r in val_set.records]
+        scores = [gqa_accuracy(answer, a) for a in val.column_text("answer")]
     return sum(scores) / len(scores)

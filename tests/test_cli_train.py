@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processed import question_records
 from test_metrics import official_gqa, official_vqa
 from test_train import FAST, TINY
 from typer.testing import CliRunner
@@ -105,7 +106,7 @@ def test_eval_exports_official_formats_that_score_like_the_official_scripts(
                                  "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    records = json.loads((tiny_demo / "processed" / kind / "questions_val.json").read_text())
+    records = question_records(tiny_demo / "processed" / kind, "val")
     predictions = json.loads(export.read_text())
     assert len(predictions) == len(records)
     truth = {str(r["question_id"]): r for r in records}

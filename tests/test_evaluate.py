@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from processed import rewrite_questions
 from torch import nn
 
 from isubg.batch import Batch
@@ -152,21 +154,28 @@ def _best_labels(data: VQADataset, kind: str) -> dict[str, int]:
     return labels
 
 
-def _spoil_some_answers(data: VQADataset, kind: str) -> None:
-    """Make bounds below 1: answers outside the vocabulary, split human votes."""
-    for i, r in enumerate(data.records):
+def _spoil_some_answers(demo: Path, kind: str, tmp_path: Path) -> Path:
+    """A copy of the demo whose val answers make bounds below 1: answers outside the vocabulary, split votes."""
+    shutil.copytree(demo / "processed" / kind, tmp_path / "processed" / kind)
+    rows = iter(range(10**9))
+
+    def spoil(r: dict[str, Any]) -> dict[str, Any]:
+        i = next(rows)
         if kind == "vqa" and i % 3 == 1:
             r["answers"] = ["yes"] * 2 + ["purple dragon"] * 8  # best: "yes" at 0.6
         elif kind == "vqa" and i % 3 == 2:
             r["answers"] = ["purple dragon"] * 10  # nothing in the vocabulary scores
         elif kind == "gqa" and i % 2:
             r["answer"] = r["answer"].upper() + "!"  # exact match: no vocabulary answer equals it
+        return r
+
+    rewrite_questions(tmp_path / "processed" / kind, "val", spoil)
+    return tmp_path
 
 
 @pytest.mark.parametrize("kind", ["gqa", "vqa"])
-def test_a_perfect_model_reaches_the_bound(demo: Path, kind: str) -> None:
-    data = _dataset(demo, kind)
-    _spoil_some_answers(data, kind)
+def test_a_perfect_model_reaches_the_bound(demo: Path, kind: str, tmp_path: Path) -> None:
+    data = _dataset(_spoil_some_answers(demo, kind, tmp_path), kind)
     labels = _best_labels(data, kind)
     model = Oracle(labels, data.num_answers, ("cfrf", "isubg")).eval()
     result = evaluate(model, _loader(data), data, device="cpu")
@@ -192,9 +201,11 @@ def test_a_single_branch_exports_its_own_answers(demo: Path) -> None:
 
 
 def test_questions_without_answers_are_predicted_not_scored(demo: Path, tmp_path: Path) -> None:
-    data = _dataset(demo, "vqa")
-    for r in data.records:
-        r["answers"], r["answer"] = [], None
+    shutil.copytree(demo / "processed" / "vqa", tmp_path / "processed" / "vqa")
+    rewrite_questions(
+        tmp_path / "processed" / "vqa", "val", lambda r: {**r, "answers": [], "answer": None, "labels": None}
+    )
+    data = _dataset(tmp_path, "vqa")
     model = Oracle(dict.fromkeys((r["question_id"] for r in data.records), 0), data.num_answers, ("cfrf", "xvlm"))
     result = evaluate(model, _loader(data), data, device="cpu")
     assert result.accuracy is None and result.per_type == {}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processed import question_records
 
 from isubg.data.dataset import VQADataset, collate
-from isubg.data.files import read_json
 from isubg.data.images import CLIP_MEAN, CLIP_STD, ImageLoader, preprocess
 from isubg.errors import DataError
 
@@ -94,7 +94,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     for dataset in ("gqa", "vqa"):
         folder = build.processed(dataset)
-        ids = {r["image_id"] for r in read_json(folder / "questions_train.json")}
+        ids = {r["image_id"] for r in question_records(folder, "train")}
         for image_id in ids:
             color = tuple(int(c) for c in rng.integers(0, 256, 3))
             name = f"{image_id}.jpg" if dataset == "gqa" else f"train2014/COCO_train2014_{int(image_id):012d}.jpg"

@@ -37,6 +37,7 @@ LAYERS = {
     "isubg.data.features": 3,
     "isubg.data.questions": 3,
     "isubg.data.scene_graphs": 3,
+    "isubg.data.tables": 3.5,
     "isubg.data.convert": 3,
     "isubg.data.inspect": 5,
     "isubg.data.prepare": 4,

@@ -16,7 +16,8 @@ from isubg.batch import DataSpec
 from isubg.cli import app
 from isubg.config import RunConfig, default_config
 from isubg.data.files import read_json
-from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
+from isubg.data.scene_graphs import GraphVocab, to_pyg
+from isubg.data.tables import GraphTable, GraphWriter
 from isubg.errors import ConfigError, DataError
 from isubg.memory import (
     BranchMemory,
@@ -316,18 +317,19 @@ def test_worst_case_batch_has_every_sample_at_full_size() -> None:
 def test_largest_graph_counts_reverse_edges(tiny_demo: Path, tmp_path: Path) -> None:
     folder = tiny_demo / "processed" / "gqa"
     vocab = GraphVocab.load(folder / "graph_vocab.json")
-    graphs = [g for kind in ("gt", "detected") for g in read_json(folder / f"graphs_{kind}.json").values()]
-    pygs = [to_pyg(SceneGraph.from_json(g), vocab) for g in graphs]
+    tables = [GraphTable(folder / f"graphs_{kind}", vocab) for kind in ("gt", "detected")]
+    pygs = [to_pyg(table.graph(row), vocab) for table in tables for row in range(len(table))]
     assert largest_graph(folder) == (max(g.num_nodes for g in pygs), max(g.edge_index.shape[1] for g in pygs))
     cfg = resolve_config("default").config
     worst = WorstCase.for_config(cfg, None, largest_graph(folder), source="x")
     assert (worst.nodes, worst.graph_source, worst.num_answers) == (largest_graph(folder)[0], "x", 1842)
-    (tmp_path / "graphs_gt.json").write_text("{}")
-    (tmp_path / "graphs_detected.json").write_text("{}")
+    GraphVocab.build([]).save(tmp_path / "graph_vocab.json")
+    for kind in ("gt", "detected"):
+        GraphWriter(GraphVocab.build([]), object_ids=False).write(tmp_path / f"graphs_{kind}")
     with pytest.raises(DataError, match="hold no scene graph"):
         largest_graph(tmp_path)
-    (tmp_path / "graphs_detected.json").write_text('{"1": {"names": ["a"]}}')
-    with pytest.raises(DataError, match=r"graphs_detected\.json: image 1"):
+    (tmp_path / "graphs_detected" / "table.json").write_text('{"kind": "questions", "rows": 0}')
+    with pytest.raises(DataError, match=r"graphs_detected/table\.json: not a graphs table"):
         largest_graph(tmp_path)
 
 
@@ -453,7 +455,7 @@ def test_cli_uses_the_sizes_and_largest_graph_of_the_data(tiny_demo: Path) -> No
     worst = json.loads(result.stdout)["worst_case"]
     folder = tiny_demo / "processed" / "gqa"
     assert (worst["graph_nodes"], worst["graph_edges"]) == largest_graph(folder)
-    assert worst["graph_source"] == f"{folder / 'graphs_gt.json'} + {folder / 'graphs_detected.json'}"
+    assert worst["graph_source"] == f"{folder / 'graphs_gt'} + {folder / 'graphs_detected'}"
     assert worst["answers"] == len(read_json(folder / "answers.json")["answers"])
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from processed import question_records
 from torch import nn
 from torch_geometric.data import Batch as GraphBatch
 from torch_geometric.data import Data
@@ -663,14 +664,13 @@ def demo_with_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     from PIL import Image
 
     from isubg.data.embedded import build_demo
-    from isubg.data.files import read_json
 
     root = tmp_path_factory.mktemp("demo")
     folder = build_demo(root, size="tiny", seed=0).processed("gqa")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
-    for image_id in {r["image_id"] for r in read_json(folder / "questions_train.json")}:
+    for image_id in {r["image_id"] for r in question_records(folder, "train")}:
         Image.fromarray(rng.integers(0, 256, (18, 24, 3), dtype=np.uint8)).save(images / f"{image_id}.jpg")
     return folder, images
 

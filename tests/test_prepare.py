@@ -14,6 +14,8 @@ from isubg.data.dataset import VQADataset, collate
 from isubg.data.inspect import inspect_processed
 from isubg.data.loaders import make_batches
 from isubg.data.prepare import SplitFiles, discover_splits, prepare, read_manifest
+from isubg.data.scene_graphs import GraphVocab
+from isubg.data.tables import GraphTable, QuestionTable
 from isubg.data.text import Dictionary
 from isubg.errors import DataError
 from isubg.resolve import resolve_config
@@ -75,35 +77,40 @@ def gqa(tmp_path: Path) -> Path:
     return out
 
 
+def _graphs(folder: Path, kind: str) -> GraphTable:
+    return GraphTable(folder / f"graphs_{kind}", GraphVocab.load(folder / "graph_vocab.json"))
+
+
 def test_prepare_gqa_writes_the_processed_folder(gqa: Path) -> None:
     manifest = read_manifest(gqa)
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["splits"] == {"train": {"questions": 3, "images": 2}, "val": {"questions": 2, "images": 2}}
     assert manifest["unanswerable"] == {"train": 0, "val": 2}  # "no" and "maybe" are not training answers
     assert manifest["scene_graphs"] == {
         "gt_splits": ["train", "val"], "detected": True, "images_without_gt": {"train": 0, "val": 0},
         "detector_labels": [],
     }  # fmt: skip
-    for name in ("dictionary.json", "answers.json", "graph_vocab.json", "graphs_gt.json", "graphs_detected.json",
-                 "stat_words_gt.json", "stat_words_detected.json", "tfidf.npz"):  # fmt: skip
+    for name in ("dictionary.json", "answers.json", "graph_vocab.json", "graphs_gt/table.json",
+                 "graphs_detected/names.npy", "questions_train/tokens.npy", "tfidf.npz"):  # fmt: skip
         assert name in manifest["files"]
     answers = json.loads((gqa / "answers.json").read_text())["answers"]
     assert sorted(answers) == ["dog", "white", "yes"]
-    records = json.loads((gqa / "questions_train.json").read_text())
+    records = QuestionTable(gqa / "questions_train")
     racket = records[1]
     assert racket["answer"] == "dog" and racket["labels"] == [answers.index("dog")] and racket["scores"] == [1.0]
     # "tennis racket" is a two-word object name: both tokens are entity words; "dog" too.
     words = ["what", "is", "the", "tennis", "racket", "to", "the", "right", "of"]
     assert [w for w, e in zip(words, racket["entity"], strict=True) if e] == ["tennis", "racket"]
     for kind in ("gt", "detected"):
-        assert set(json.loads((gqa / f"graphs_{kind}.json").read_text())) == {"101", "102", "103"}
+        assert set(_graphs(gqa, kind).rows) == {"101", "102", "103"}
     # Without detector labels, detector graphs name every box "object" and give no stat words.
-    detected = json.loads((gqa / "graphs_detected.json").read_text())["101"]
-    assert detected["names"] == ["object"] * 12
-    assert json.loads((gqa / "stat_words_detected.json").read_text()) == {"101": [], "102": [], "103": []}
+    detected = _graphs(gqa, "detected")
+    assert detected.graph_of("101").names == ["object"] * 12
+    assert [detected.stat(row).tolist() for row in detected.rows.values()] == [[], [], []]
     # Ground-truth stat words: every name and attribute of image 101 once, in order; "tennis racket" -> "racket".
     words = Dictionary.load(gqa / "dictionary.json")
-    stats = json.loads((gqa / "stat_words_gt.json").read_text())["101"]
+    gt = _graphs(gqa, "gt")
+    stats = gt.stat(gt.rows["101"])
     assert [words.id_to_word(i) for i in stats] == ["dog", "brown", "small", "racket", "red"]
 
 
@@ -224,22 +231,23 @@ def test_prepare_vqa_builds_spatial_graphs_with_detector_names(tmp_path: Path) -
         min_answer_count=1, object_vocab=tmp_path / "objects_vocab.txt",
     )  # fmt: skip
     assert report.splits["train"] == {"questions": 3, "images": 2}
-    records = {r["question_id"]: r for r in json.loads((out / "questions_train.json").read_text())}
+    records = {r["question_id"]: r for r in QuestionTable(out / "questions_train")}
     answers = json.loads((out / "answers.json").read_text())["answers"]
     # Official soft scores over normalised human answers: "two" counts as "2" (10 of 10 -> 1.0).
     two = records["1"]
     assert dict(zip((answers[i] for i in two["labels"]), two["scores"], strict=True))["2"] == 1.0
-    graph = json.loads((out / "graphs_detected.json").read_text())["11"]
-    assert set(graph["names"]) == {"dog", "bus", "tree"}
-    assert len(graph["names"]) == 15 and graph["relations"]
-    assert json.loads((out / "graphs_gt.json").read_text()) == {}
+    detected = _graphs(out, "detected")
+    graph = detected.graph_of("11")
+    assert set(graph.names) == {"dog", "bus", "tree"}
+    assert len(graph.names) == 15 and graph.relations
+    assert len(_graphs(out, "gt")) == 0
     assert read_manifest(out)["scene_graphs"]["gt_splits"] == []
     data = VQADataset(out, "train", question_len=8, max_boxes=50, num_stat_word=5)
     assert data.graph_sources == {"graphs": "detector", "stat_words": "detector"}
     assert collate([data[i] for i in range(3)], data.num_answers).graphs.num_graphs == 3
     # Detector stat words by count (no confidences in this file): image 12's 10 boxes are dog, bus, tree, dog, ...
     words = Dictionary.load(out / "dictionary.json")
-    stats = json.loads((out / "stat_words_detected.json").read_text())["12"]
+    stats = detected.stat(detected.rows["12"])
     assert [words.id_to_word(i) for i in stats] == ["dog", "bus", "tree"]
     with pytest.raises(DataError, match=r"split 'train' have no ground-truth scene graph.*VQA has none"):
         VQADataset(out, "train", question_len=8, max_boxes=50, num_stat_word=5, scene_graphs="gt")
@@ -249,9 +257,9 @@ def test_inspect_processed_passes_and_catches_tampering(gqa: Path) -> None:
     report = inspect_processed(gqa)
     assert report.problems == [], report.problems
     assert "majority" in report.summary["split train"]
-    records = json.loads((gqa / "questions_val.json").read_text())
-    records[0]["tokens"].append(10_000)
-    (gqa / "questions_val.json").write_text(json.dumps(records))
+    tokens = np.load(gqa / "questions_val" / "tokens.npy")
+    tokens[0] = 10_000
+    np.save(gqa / "questions_val" / "tokens.npy", tokens)
     problems = inspect_processed(gqa).problems
     assert any("checksum differs" in p for p in problems)
     assert any("word ids outside the dictionary" in p for p in problems)
@@ -332,8 +340,8 @@ def test_a_gqa_split_without_scene_graphs_gets_detector_graphs(with_testdev: Pat
     manifest = read_manifest(with_testdev)
     assert manifest["scene_graphs"]["gt_splits"] == ["train", "val"]
     assert manifest["scene_graphs"]["images_without_gt"] == {"train": 0, "val": 0, "testdev": 1}
-    assert set(json.loads((with_testdev / "graphs_gt.json").read_text())) == {"101", "102", "103"}
-    assert set(json.loads((with_testdev / "graphs_detected.json").read_text())) == {"101", "102", "103", "104"}
+    assert set(_graphs(with_testdev, "gt").rows) == {"101", "102", "103"}
+    assert set(_graphs(with_testdev, "detected").rows) == {"101", "102", "103", "104"}
     testdev = _open(with_testdev, "testdev")
     assert testdev.graph_sources == {
         "graphs": "ground truth + detector (1 image without ground truth)", "stat_words": "detector",
@@ -355,7 +363,8 @@ def test_a_gqa_split_without_scene_graphs_gets_detector_graphs(with_testdev: Pat
 
 def test_detected_stat_words_rank_the_detector_labels_by_confidence(with_testdev: Path) -> None:
     words = Dictionary.load(with_testdev / "dictionary.json")
-    stats = json.loads((with_testdev / "stat_words_detected.json").read_text())
+    detected = _graphs(with_testdev, "detected")
+    stats = {image: detected.stat(row).tolist() for image, row in detected.rows.items()}
     # tennis racket 0.9, dog 0.3 + 0.4, brown 0.5 + 0.05, small 0.1 + 0.2, tree 0.2 (a name's last word each).
     assert [words.id_to_word(i) for i in stats["104"]] == ["racket", "dog", "brown", "small", "tree"]
     sample = _open(with_testdev, "testdev")[0]

@@ -11,11 +11,11 @@ stayed at the prior (21% after 30 epochs against 99% with `pre`), and this test 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+from processed import rewrite_questions
 from rich.console import Console
 
 from isubg.ablation import ablated
@@ -41,9 +41,7 @@ def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = root / "colours"
     shutil.copytree(source, folder)
     for split in ("train", "val"):
-        path = folder / f"questions_{split}.json"
-        records = json.loads(path.read_text())
-        path.write_text(json.dumps([r for r in records if r["question"].lower().startswith("what color")]))
+        rewrite_questions(folder, split, lambda r: r if r["question"].lower().startswith("what color") else None)
     return folder
 
 

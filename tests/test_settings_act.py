@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from processed import question_records
 from rich.console import Console
 
 from isubg.config import RunConfig, param_specs
@@ -431,7 +432,7 @@ def test_splits_and_limits_choose_the_questions(gqa: Path, tmp_path: Path) -> No
         start = start_record(run_dir)
         return start["train_size"], start["val_size"]
 
-    count = {s: len(json.loads((gqa / f"questions_{s}.json").read_text())) for s in ("train", "val", "testdev")}
+    count = {s: len(question_records(gqa, s)) for s in ("train", "val", "testdev")}
     assert len(set(count.values())) == 3, count  # the splits tell apart by their sizes
     whole = ["data.train_limit=null", "data.val_limit=null"]
     assert sizes() == (48, 16)

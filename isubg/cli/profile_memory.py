@@ -103,7 +103,7 @@ def _data_sizes(cfg: RunConfig) -> tuple[DataSpec | None, WorstCase]:
     )
     spec = data.spec()
     # Both graph files: whichever a split reads, its largest graph is among them.
-    source = f"{folder / 'graphs_gt.json'} + {folder / 'graphs_detected.json'}"
+    source = f"{folder / 'graphs_gt'} + {folder / 'graphs_detected'}"
     return spec, WorstCase.for_config(cfg, spec, largest_graph(folder), source=source)
 
 

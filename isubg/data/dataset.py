@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from isubg.data.files import read_json
 from isubg.data.images import ImageLoader
 from isubg.data.prepare import SceneGraphMode, graph_sources, read_manifest
 from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
+from isubg.data.tables import GraphTable, QuestionTable
 from isubg.data.text import PAD, Dictionary, tokenize
 from isubg.errors import DataError
 
@@ -74,8 +74,8 @@ def graph_token_words(vocab: GraphVocab, dictionary: Dictionary) -> np.ndarray:
     return out
 
 
-def _pad(values: Sequence[int], length: int) -> tuple[np.ndarray, int]:
-    kept = list(values)[:length]
+def _pad(values: Sequence[int] | np.ndarray, length: int) -> tuple[np.ndarray, int]:
+    kept = np.asarray(values, dtype=np.int64)[:length]
     out = np.zeros(length, dtype=np.int64)
     out[: len(kept)] = kept
     return out, len(kept)
@@ -131,20 +131,21 @@ class VQADataset(Dataset[Sample]):
             raise DataError(f"{self.folder}: no split '{split}'; it has {', '.join(self.manifest['splits'])}")
         self.split, self.scene_graphs = split, scene_graphs
         self.graph_sources = graph_sources(self.manifest, split, scene_graphs, self.folder)
-        self.records: list[dict[str, Any]] = read_json(self.folder / f"questions_{split}.json")
-        if not self.records:
+        self.records = QuestionTable(self.folder / f"questions_{split}")
+        if not len(self.records):
             raise DataError(f"{self.folder}: split '{split}' holds no questions")
         self.question_len, self.num_stat_word = question_len, num_stat_word
         self.answers = AnswerVocab.from_json(read_json(self.folder / "answers.json"))
         self.graph_vocab = GraphVocab.load(self.folder / "graph_vocab.json")
-        self._graphs = self._read_graphs()
-        stats = "stat_words_gt.json" if scene_graphs == "gt" else "stat_words_detected.json"
-        self._stats: dict[str, list[int]] = read_json(self.folder / stats)
+        self._graphs = self._graph_tables()
+        # Stat words: the ground truth's only under "gt"; "auto" takes the detector's, as at test time.
+        stats_kind = "gt" if scene_graphs == "gt" else "detected"
+        self._stats = GraphTable(self.folder / f"graphs_{stats_kind}", self.graph_vocab)
         path = Path(features) if features is not None else Path(self.manifest["features"]["path"])
         if not path.is_absolute():
             path = self.folder / path
         self.features = FeatureStore(path, max_boxes=max_boxes, in_memory=in_memory)
-        self.has_targets = self.records[0]["labels"] is not None
+        self.has_targets = self.records.answered(0)
         self.images: ImageLoader | None = None
         if image_root is not None:
             name = dataset_name if dataset_name is not None else str(self.manifest.get("dataset", ""))
@@ -185,41 +186,45 @@ class VQADataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _read_graphs(self) -> list[tuple[str, dict[str, Any]]]:
-        """(file name, image id -> graph) in the order `graph` looks: ground truth first, then detector.
-
-        A file the split does not need under its mode is not read: GQA's detector graphs of a split whose
-        images all have ground truth (or the reverse) would only take memory in every DataLoader worker.
-        """
-        sources = self.graph_sources["graphs"]
-        names = []
-        if self.scene_graphs != "detected" and sources != "detector":
-            names.append("graphs_gt.json")
-        if self.scene_graphs != "gt" and sources != "ground truth":
-            names.append("graphs_detected.json")
-        return [(name, read_json(self.folder / name)) for name in names]
+    def _graph_tables(self) -> list[tuple[str, GraphTable]]:
+        """(kind, table) in the order `graph` looks: ground truth first, then detector, as the mode allows."""
+        kinds = {"gt": ["gt"], "detected": ["detected"], "auto": ["gt", "detected"]}[self.scene_graphs]
+        return [(kind, GraphTable(self.folder / f"graphs_{kind}", self.graph_vocab)) for kind in kinds]
 
     def graph(self, image_id: str) -> SceneGraph:
         """The scene graph of an image, the one the model is fed under this dataset's `scene_graphs` mode."""
-        for name, graphs in self._graphs:
-            if image_id in graphs:
-                return SceneGraph.from_json(graphs[image_id], where=f"{self.folder}/{name} image {image_id}")
-        files = " or ".join(name for name, _ in self._graphs)
+        for _, table in self._graphs:
+            if image_id in table:
+                return table.graph(table.rows[image_id])
+        files = " or ".join(f"graphs_{kind}" for kind, _ in self._graphs)
         raise DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
 
+    def _graph_and_stats(self, index: int) -> tuple[SceneGraph, np.ndarray]:
+        """Item `index`'s scene graph under the mode and its image's stat-word ids, by the rows prepare stored."""
+        rows = dict(zip(("gt", "detected"), self.records.graph_rows(index), strict=True))
+        graph = next((table.graph(rows[kind]) for kind, table in self._graphs if rows[kind] >= 0), None)
+        if graph is None:
+            image_id = self.records.text("image_id", index)
+            files = " or ".join(f"graphs_{kind}" for kind, _ in self._graphs)
+            raise DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
+        stats_row = rows["gt" if self.scene_graphs == "gt" else "detected"]
+        return graph, self._stats.stat(stats_row) if stats_row >= 0 else np.zeros(0, np.int32)
+
     def __getitem__(self, index: int) -> Sample:
-        record = self.records[index]
-        image_id = record["image_id"]
+        table = self.records
+        image_id = table.text("image_id", index)
         boxes = self.features.get(image_id)
-        q_tokens, q_len = _pad(record["tokens"], self.question_len)
-        entity, _ = _pad(record["entity"], self.question_len)
-        stat_tokens, stat_len = _pad(self._stats.get(image_id, []), self.num_stat_word)
-        labels = record["labels"]
+        tokens, entity = table.tokens(index)
+        q_tokens, q_len = _pad(tokens, self.question_len)
+        entity, _ = _pad(entity, self.question_len)
+        graph, stats = self._graph_and_stats(index)
+        stat_tokens, stat_len = _pad(stats, self.num_stat_word)
+        targets = table.targets(index)
         return Sample(
-            question_id=record["question_id"],
+            question_id=table.text("question_id", index),
             image_id=image_id,
-            question=record["question"],
-            qtype=record["qtype"],
+            question=table.text("question", index),
+            qtype=table.text("qtype", index),
             q_tokens=q_tokens,
             q_len=q_len,
             entity=entity.astype(bool),
@@ -227,9 +232,9 @@ class VQADataset(Dataset[Sample]):
             spatials=boxes.spatials,
             stat_tokens=stat_tokens,
             stat_len=stat_len,
-            graph=to_pyg(self.graph(image_id), self.graph_vocab, max_attributes=MAX_ATTRIBUTES),
-            labels=None if labels is None else np.asarray(labels, dtype=np.int64),
-            scores=None if labels is None else np.asarray(record["scores"], dtype=np.float32),
+            graph=to_pyg(graph, self.graph_vocab, max_attributes=MAX_ATTRIBUTES),
+            labels=None if targets is None else targets[0].astype(np.int64),
+            scores=None if targets is None else targets[1].astype(np.float32),
             image=None if self.images is None else self.images.load(image_id),
         )
 

@@ -1,7 +1,7 @@
 """Summarise data files and check their cross-references, listing every problem found (not just the first).
 
-A processed folder's images must all have features, a detector graph and detector stat words; the images the
-manifest counts as having a ground-truth scene graph must be in graphs_gt.json and stat_words_gt.json. The
+A processed folder's images must all have features and a detector graph (with its stat words); the images the
+manifest counts as having a ground-truth scene graph must be in graphs_gt. The
 summary says which scene-graph sources the folder holds.
 """
 
@@ -15,15 +15,13 @@ from typing import Any
 import numpy as np
 
 from isubg.data.features import FeatureStore
+from isubg.data.tables import GraphTable, QuestionTable
 from isubg.errors import DataError
 
 __all__ = ["InspectReport", "box_histogram", "inspect_features", "inspect_path", "inspect_processed"]
 
 # Rows read per step when scanning a whole file for non-finite values: bounded memory on any size.
 _SCAN_ROWS = 65536
-# The per-image files of a processed folder (image id -> graph or stat word ids).
-_PER_IMAGE = ("graphs_gt.json", "graphs_detected.json", "stat_words_gt.json", "stat_words_detected.json")
-_EVERY_IMAGE = ("graphs_detected.json", "stat_words_detected.json")  # the others only where ground truth exists
 
 
 @dataclass
@@ -111,59 +109,60 @@ def _check_checksums(folder: Path, manifest: dict[str, Any], problems: list[str]
             problems.append(f"{path}: checksum differs from the manifest (edited or corrupted after prepare)")
 
 
-def _majority(records: list[dict[str, Any]], answer: int | None) -> float:
+def _rows_with(offsets: np.ndarray, bad: np.ndarray) -> int:
+    """How many rows of a ragged column (given by its offsets) hold at least one flagged value."""
+    return len(np.unique(np.searchsorted(offsets, np.flatnonzero(bad), side="right") - 1))
+
+
+def _majority(table: QuestionTable, answer: int | None) -> float:
     """Accuracy of always answering `answer`: the soft score it earns, averaged over questions."""
-    if answer is None or not records:
+    if answer is None or not len(table):
         return 0.0
-    total = 0.0
-    for r in records:
-        if answer in (r["labels"] or []):
-            total += r["scores"][r["labels"].index(answer)]
-    return total / len(records)
+    hits = np.asarray(table.a["labels"]) == answer
+    return float(np.asarray(table.a["scores"])[hits].sum()) / len(table)
 
 
-def _check_split(
-    split: str, records: list[dict[str, Any]], refs: dict[str, Any], problems: list[str]
-) -> dict[str, int]:
-    """Cross-reference one split's records; returns per-split counts."""
+def _check_split(split: str, table: QuestionTable, refs: dict[str, Any], problems: list[str]) -> dict[str, int]:
+    """Cross-reference one split's questions; returns per-split counts."""
     store: FeatureStore = refs["store"]
-    missing: dict[str, set[str]] = {"features": set(), **{name: set() for name in _EVERY_IMAGE}}
-    bad_tokens = bad_labels = unanswerable = 0
-    for r in records:
-        image = r["image_id"]
-        if image not in store:
-            missing["features"].add(image)
-        for name in _EVERY_IMAGE:
-            if image not in refs[name]:
-                missing[name].add(image)
-        bad_tokens += any(not 0 <= t < refs["words"] for t in r["tokens"])
-        if r["labels"] is not None:
-            bad_labels += any(not 0 <= a < refs["answers"] for a in r["labels"])
-            bad_labels += any(not 0 < s <= 1 for s in r["scores"])
-            unanswerable += not r["labels"]
-    for what, images in missing.items():
-        if images:
-            problems.append(f"split {split}: {len(images)} image(s) missing from {what}, e.g. {sorted(images)[0]}")
+    a = table.a
+    image_ids = table.column_text("image_id")
+    images = set(image_ids)
+    detected = refs["graphs_detected"]
+    missing = {
+        "features": {i for i in images if i not in store},
+        "graphs_detected": {i for i in images if i not in detected},
+    }
+    missing["graphs_detected"] |= {image_ids[r] for r in np.flatnonzero(np.asarray(a["detected_row"]) < 0)}
+    for what, ids in missing.items():
+        if ids:
+            problems.append(f"split {split}: {len(ids)} image(s) missing from {what}, e.g. {sorted(ids)[0]}")
+    tokens = np.asarray(a["tokens"])
+    bad_tokens = _rows_with(a["tokens_offsets"], (tokens < 0) | (tokens >= refs["words"]))
     if bad_tokens:
         problems.append(f"split {split}: {bad_tokens} question(s) hold word ids outside the dictionary")
-    if bad_labels:
+    labels, scores = np.asarray(a["labels"]), np.asarray(a["scores"])
+    bad = (labels < 0) | (labels >= refs["answers"]) | (scores <= 0) | (scores > 1)
+    if bad_labels := _rows_with(a["labels_offsets"], bad):
         problems.append(f"split {split}: {bad_labels} question(s) hold answer ids or scores out of range")
-    _check_gt(split, {r["image_id"] for r in records}, refs, problems)
-    return {"questions": len(records), "images": len({r["image_id"] for r in records}), "unanswerable": unanswerable}
+    answered = np.asarray(a["answered"]).astype(bool)
+    unanswerable = int((answered & (np.diff(a["labels_offsets"]) == 0)).sum())
+    without = {image_ids[r] for r in np.flatnonzero(np.asarray(a["gt_row"]) < 0)}
+    _check_gt(split, images, without, refs, problems)
+    return {"questions": len(table), "images": len(images), "unanswerable": unanswerable}
 
 
-def _check_gt(split: str, images: set[str], refs: dict[str, Any], problems: list[str]) -> None:
-    """The split's ground-truth graphs agree with the manifest's count, and each has its stat words."""
-    without = images - refs["graphs_gt.json"].keys()
+def _check_gt(split: str, images: set[str], without: set[str], refs: dict[str, Any], problems: list[str]) -> None:
+    """The split's ground-truth graphs agree with the manifest's count and with the graphs_gt table."""
     recorded = refs["images_without_gt"].get(split)
     if recorded != len(without):
         problems.append(
             f"split {split}: the manifest counts {recorded} image(s) without a ground-truth scene graph, "
-            f"graphs_gt.json lacks {len(without)}"
+            f"its questions point {len(without)} to none"
         )
-    lacking = sorted((images - without) - refs["stat_words_gt.json"].keys())
+    lacking = sorted(i for i in images - without if i not in refs["graphs_gt"])
     if lacking:
-        problems.append(f"split {split}: {len(lacking)} image(s) missing from stat_words_gt.json, e.g. {lacking[0]}")
+        problems.append(f"split {split}: {len(lacking)} image(s) missing from graphs_gt, e.g. {lacking[0]}")
 
 
 def _sources_summary(manifest: dict[str, Any], refs: dict[str, Any]) -> dict[str, str]:
@@ -172,54 +171,74 @@ def _sources_summary(manifest: dict[str, Any], refs: dict[str, Any]) -> dict[str
     gt_splits = ", ".join(info["gt_splits"]) or "no split"
     labels = " and ".join(info["detector_labels"])
     return {
-        "ground-truth graphs": f"{len(refs['graphs_gt.json'])} images ({gt_splits} prepared with scene graphs)",
-        "detector graphs": f"{len(refs['graphs_detected.json'])} images (every image)",
+        "ground-truth graphs": f"{len(refs['graphs_gt'])} images ({gt_splits} prepared with scene graphs)",
+        "detector graphs": f"{len(refs['graphs_detected'])} images (every image)",
         "detector stat words": f"from the {labels}" if labels else "empty (no detector labels could be named)",
     }
 
 
+def _open_processed(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, QuestionTable]]:
+    """(references the checks use, split -> questions) of a processed folder; DataError when unreadable."""
+    from isubg.data.files import read_json
+    from isubg.data.scene_graphs import GraphVocab
+    from isubg.data.text import Dictionary
+
+    vocab = GraphVocab.load(folder / "graph_vocab.json")
+    refs = {
+        "store": FeatureStore(Path(manifest["features"]["path"])),
+        "graphs_gt": GraphTable(folder / "graphs_gt", vocab),
+        "graphs_detected": GraphTable(folder / "graphs_detected", vocab),
+        "images_without_gt": manifest["scene_graphs"]["images_without_gt"],
+        "words": len(Dictionary.load(folder / "dictionary.json")),
+        "answer_names": read_json(folder / "answers.json")["answers"],
+    }
+    refs["answers"] = len(refs["answer_names"])
+    return refs, {s: QuestionTable(folder / f"questions_{s}") for s in manifest["splits"]}
+
+
+def _top_answers(train: QuestionTable | None) -> list[tuple[int, int]]:
+    """(answer id, questions whose full-score answer it is), most frequent first."""
+    if train is None:
+        return []
+    labels, scores = np.asarray(train.a["labels"]), np.asarray(train.a["scores"])
+    ids, counts = np.unique(labels[scores == 1], return_counts=True)
+    order = np.lexsort((ids, -counts))
+    return [(int(ids[i]), int(counts[i])) for i in order]
+
+
 def inspect_processed(folder: Path) -> InspectReport:
     """Summarise a processed folder and check every cross-reference (see `isubg data inspect`)."""
-    from isubg.data.files import read_json
     from isubg.data.prepare import read_manifest
-    from isubg.data.text import Dictionary
 
     report = InspectReport(path=folder)
     try:
         manifest = read_manifest(folder)
         _check_checksums(folder, manifest, report.problems)
-        store = FeatureStore(Path(manifest["features"]["path"]))
-        answers = read_json(folder / "answers.json")["answers"]
-        refs = {
-            "store": store,
-            **{name: read_json(folder / name) for name in _PER_IMAGE},
-            "images_without_gt": manifest["scene_graphs"]["images_without_gt"],
-            "words": len(Dictionary.load(folder / "dictionary.json")),
-            "answers": len(answers),
-        }
-        splits = {s: read_json(folder / f"questions_{s}.json") for s in manifest["splits"]}
+        refs, splits = _open_processed(folder, manifest)
     except DataError as exc:
         report.problems.append(str(exc))
         return report
-    train = splits.get(manifest.get("train_split", "train"), [])
-    counts = Counter(a for r in train if r["labels"] for a, s in zip(r["labels"], r["scores"], strict=True) if s == 1)
-    top = counts.most_common(1)[0][0] if counts else None
+    answers, store = refs["answer_names"], refs["store"]
+    train = splits.get(manifest.get("train_split", "train"))
+    counts = _top_answers(train)
+    top = counts[0][0] if counts else None
     report.summary = {"dataset": manifest["dataset"], "answers": len(answers), "dictionary": refs["words"]}
     report.summary.update(_sources_summary(manifest, refs))
-    for split, records in splits.items():
-        info = _check_split(split, records, refs, report.problems)
-        if not records:
+    used: set[str] = set()
+    for split, table in splits.items():
+        info = _check_split(split, table, refs, report.problems)
+        if not len(table):
             report.problems.append(f"split {split}: empty")
-        baseline = f", majority '{answers[top]}' {_majority(records, top):.1%}" if top is not None else ""
-        labelled = records and records[0]["labels"] is not None
+        baseline = f", majority '{answers[top]}' {_majority(table, top):.1%}" if top is not None else ""
+        labelled = len(table) and table.answered(0)
         report.summary[f"split {split}"] = (
             f"{info['questions']} questions, {info['images']} images, {info['unanswerable']} unanswerable"
             + (baseline if labelled else ", no answers")
         )
-    top5 = ", ".join(f"{answers[a]} {c / max(1, len(train)):.1%}" for a, c in counts.most_common(5))
-    report.summary["top train answers"] = top5 or "-"
-    used = sorted({r["image_id"] for records in splits.values() for r in records if r["image_id"] in store})
-    report.box_histogram = box_histogram([store.num_boxes(i) for i in used])
+        used.update(i for i in table.column_text("image_id") if i in store)
+    total = max(1, len(train) if train is not None else 0)
+    report.summary["top train answers"] = ", ".join(f"{answers[a]} {c / total:.1%}" for a, c in counts[:5]) or "-"
+    report.box_histogram = box_histogram([store.num_boxes(i) for i in sorted(used)])
     return report
 
 

@@ -7,11 +7,12 @@ given a scene-graph file, a scene graph) and writes, into a temporary folder ren
     dictionary.json          question words (+ the words of both kinds of graphs, so stat words embed alike)
     answers.json             the answer vocabulary (from the training split)
     graph_vocab.json         scene-graph tokens of both kinds of graphs (names, attributes, whole relations)
-    questions_<split>.json   one record per question: ids, text, word ids, entity flags, targets, raw answers
-    graphs_gt.json           image id -> the official GQA scene graph (only images that have one; {} for VQA)
-    graphs_detected.json     image id -> scene graph built from the detector boxes and labels (every image)
-    stat_words_gt.json       image id -> stat word ids from the ground-truth graph, most frequent first (<= 50)
-    stat_words_detected.json image id -> stat word ids from the detector labels, most confident first (<= 50)
+    questions_<split>/       one row per question: ids, text, word ids, entity flags, targets, raw answers, and
+                             the rows of its image's graphs (a memory-mapped table, isubg.data.tables)
+    graphs_gt/               the official GQA scene graphs, with the stat word ids taken from each (most frequent
+                             first, <= 50); only images that have one (no rows for VQA)
+    graphs_detected/         scene graphs built from the detector boxes and labels, with the detector's stat word
+                             ids (most confident first, <= 50); every image
     tfidf.npz                the tf-idf weights over the training questions (rows, cols, values, shape)
     glove.npz                GloVe rows for the dictionary (only when a GloVe file is given)
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ from isubg.data.scene_graphs import (
     spatial_scene_graph,
     stat_words,
 )
+from isubg.data.tables import GraphWriter, QuestionWriter
 from isubg.data.text import Dictionary, load_glove, tfidf_matrix, tokenize
 from isubg.errors import DataError
 
@@ -67,7 +69,8 @@ __all__ = [
 
 MAX_STAT_WORDS = 50  # stored per image; training takes the first data.num_stat_word
 # 2: graphs_gt/graphs_detected and stat_words_gt/stat_words_detected replace graphs.json and stat_words.json.
-FORMAT_VERSION = 2
+# 3: questions and scene graphs (with their stat words) are memory-mapped tables (isubg.data.tables), not JSON.
+FORMAT_VERSION = 3
 Log = Callable[[str], None]
 SceneGraphMode = Literal["auto", "gt", "detected"]  # data.scene_graphs
 
@@ -278,30 +281,25 @@ def _records(
     words: Dictionary,
     vocab: ans.AnswerVocab,
     names: set[tuple[str, ...]],
-) -> tuple[list[dict[str, Any]], int]:
+) -> Iterator[dict[str, Any]]:
+    """One question record (the keys of `QuestionTable.record`) at a time: never a whole split of dicts."""
     longest = max((len(n) for n in names), default=1)
-    out, unanswerable = [], 0
     for q in items:
         tokens = tokenize(q.text)
         target = _target(dataset, q, vocab)
-        if target is not None and target.is_empty:
-            unanswerable += 1
-        out.append(
-            {
-                "question_id": q.question_id,
-                "image_id": q.image_id,
-                "question": q.text,
-                "tokens": [words.word_to_id(t) for t in tokens],
-                "entity": _entity_flags(tokens, names, longest),
-                "labels": None if target is None else list(target.labels),
-                "scores": None if target is None else list(target.scores),
-                "answer": q.answer,
-                "answers": list(q.human_answers),
-                "qtype": q.qtype,
-                "detail": q.detail,
-            }
-        )
-    return out, unanswerable
+        yield {
+            "question_id": q.question_id,
+            "image_id": q.image_id,
+            "question": q.text,
+            "tokens": [words.word_to_id(t) for t in tokens],
+            "entity": _entity_flags(tokens, names, longest),
+            "labels": None if target is None else list(target.labels),
+            "scores": None if target is None else list(target.scores),
+            "answer": q.answer,
+            "answers": list(q.human_answers),
+            "qtype": q.qtype,
+            "detail": q.detail,
+        }
 
 
 def _graph_words(graphs: Iterable[SceneGraph]) -> Iterable[str]:
@@ -412,18 +410,16 @@ def _write_files(
     words.save(tmp / "dictionary.json")
     write_json_atomic(tmp / "answers.json", vocab.to_json())
     graph_vocab.save(tmp / "graph_vocab.json")
+    gt, detected = _write_graphs(tmp, graphs, words, graph_vocab, log)
     log("writing questions")
     for split, items in questions.items():
-        records, unanswerable = _records(dataset, items, words, vocab, names)
-        write_json_atomic(tmp / f"questions_{split}.json", records)
-        report.splits[split] = {"questions": len(records), "images": len({q.image_id for q in items})}
+        table, unanswerable = QuestionWriter(), 0
+        for record in _records(dataset, items, words, vocab, names):
+            unanswerable += record["labels"] == []
+            table.add(record, gt.rows.get(record["image_id"], -1), detected.rows[record["image_id"]])
+        table.write(tmp / f"questions_{split}")
+        report.splits[split] = {"questions": len(table), "images": len({q.image_id for q in items})}
         report.out_of_vocab[split] = unanswerable
-    for kind, kept in (("gt", graphs.gt), ("detected", graphs.detected)):
-        write_json_atomic(tmp / f"graphs_{kind}.json", {i: g.to_json() for i, g in kept.items()})
-    stats = {i: _stat_tokens(stat_words(g, MAX_STAT_WORDS), words) for i, g in graphs.gt.items()}
-    write_json_atomic(tmp / "stat_words_gt.json", stats)
-    stats = {i: _stat_tokens(phrases, words) for i, phrases in graphs.detected_words.items()}
-    write_json_atomic(tmp / "stat_words_detected.json", stats)
     log("computing tf-idf")
     train_docs = [[words.word_to_id(t) for t in tokenize(q.text)] for q in questions[train_split]]
     tfidf = tfidf_matrix(train_docs, len(words))
@@ -445,6 +441,22 @@ def _write_files(
     return report
 
 
+def _write_graphs(
+    tmp: Path, graphs: _SceneGraphs, words: Dictionary, vocab: GraphVocab, log: Log
+) -> tuple[GraphWriter, GraphWriter]:
+    """Write graphs_gt/ and graphs_detected/ (each graph with its image's stat-word ids); return their writers."""
+    log("writing scene graphs")
+    gt = GraphWriter(vocab, object_ids=True)
+    for image_id, graph in graphs.gt.items():
+        gt.add(image_id, graph, _stat_tokens(stat_words(graph, MAX_STAT_WORDS), words))
+    gt.write(tmp / "graphs_gt")
+    detected = GraphWriter(vocab, object_ids=False)
+    for image_id, graph in graphs.detected.items():
+        detected.add(image_id, graph, _stat_tokens(graphs.detected_words[image_id], words))
+    detected.write(tmp / "graphs_detected")
+    return gt, detected
+
+
 def _stat_tokens(phrases: Iterable[str], words: Dictionary) -> list[int]:
     """Dictionary ids of ranked stat-word phrases, one word per phrase, first occurrence kept."""
     # Stat words are single dictionary words: a multi-word name contributes its last word ("tennis racket" ->
@@ -460,7 +472,9 @@ def _stat_tokens(phrases: Iterable[str], words: Dictionary) -> list[int]:
 def _write_manifest(tmp: Path, report: PrepareReport, **info: Any) -> None:
     features: FeatureStore = info.pop("features")
     files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()
+        p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
     }
     manifest = {
         "format": "isubg-processed",
@@ -504,7 +518,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if isinstance(version, int) and version < FORMAT_VERSION:
         raise DataError(
             f"{folder} was prepared by an older isubg (processed format {version}; this isubg reads format "
-            f"{FORMAT_VERSION}, with ground-truth and detector scene graphs kept apart); run `isubg data prepare` "
+            f"{FORMAT_VERSION}, memory-mapped question and scene-graph tables); run `isubg data prepare` "
             "again to rebuild it"
         )
     if version != FORMAT_VERSION:

@@ -435,6 +435,7 @@ class GraphVocab:
             duplicates = sorted(t for t, c in Counter(tokens).items() if c > 1)
             raise ValueError(f"graph vocabulary repeats tokens {duplicates[:5]}")
         self._tokens = tokens
+        self._by_id = tuple(tokens)
 
     @classmethod
     def build(cls, graphs: Iterable[SceneGraph], min_count: int = 1) -> GraphVocab:
@@ -456,6 +457,11 @@ class GraphVocab:
     def tokens(self) -> list[str]:
         """Every token, in id order (a copy)."""
         return list(self._tokens)
+
+    @property
+    def tokens_by_id(self) -> tuple[str, ...]:
+        """Every token in id order, without a copy (hot paths decode ids with it)."""
+        return self._by_id
 
     def index(self, token: str) -> int:
         """The id of `token`; 1 (`<unk>`) when it is not in the vocabulary."""

@@ -17,8 +17,9 @@ import torch
 
 from isubg.batch import Batch, DataSpec
 from isubg.config import RunConfig
-from isubg.data.files import read_json
+from isubg.data.scene_graphs import GraphVocab
 from isubg.data.synthetic import random_batch
+from isubg.data.tables import GraphTable
 from isubg.errors import DataError
 from isubg.memory.estimate import WorstCase
 
@@ -28,33 +29,39 @@ TFIDF_PER_ROW = 8  # tf-idf entries per word of the synthetic matrix
 
 
 def largest_graph(folder: Path) -> tuple[int, int]:
-    """(most nodes, most edges) over the scene graphs of a processed folder: graphs_gt.json and graphs_detected.json.
+    """(most nodes, most edges) over the scene graphs of a processed folder: graphs_gt and graphs_detected.
 
-    Both files count whatever data.scene_graphs picks, so the bound holds for every mode and split. Edges count
+    Both tables count whatever data.scene_graphs picks, so the bound holds for every mode and split. Edges count
     the reverse edges the dataset adds (isubg.data.scene_graphs.to_pyg), as the model sees them.
 
     Raises:
-        DataError: a graph file is missing or malformed, or neither holds a graph.
+        DataError: a graph table is missing or malformed, or neither holds a graph.
     """
     most_nodes = most_edges = found = 0
-    for name in ("graphs_gt.json", "graphs_detected.json"):
-        path = Path(folder) / name
-        graphs = read_json(path)
-        if not isinstance(graphs, dict):
-            raise DataError(f"{path}: expected an object of image id -> scene graph")
-        found += len(graphs)
-        for image_id, graph in graphs.items():
-            try:
-                pairs = [(int(s), int(t)) for s, t in graph["edges"]]
-                nodes = len(graph["names"])
-            except (KeyError, TypeError, ValueError):
-                why = "a scene graph needs 'names' and 'edges' [[source, target], ...]"
-                raise DataError(f"{path}: image {image_id}: {why}") from None
-            added = {(t, s) for s, t in pairs} - set(pairs)
-            most_nodes, most_edges = max(most_nodes, nodes), max(most_edges, len(pairs) + len(added))
+    vocab = GraphVocab.load(Path(folder) / "graph_vocab.json")
+    for kind in ("gt", "detected"):
+        table = GraphTable(Path(folder) / f"graphs_{kind}", vocab)
+        if not len(table):
+            continue
+        found += len(table)
+        nodes, edges = table.sizes()
+        most_nodes = max(most_nodes, int(nodes.max()))
+        most_edges = max(most_edges, int((edges + _added_reverse_edges(table)).max()))
     if not found:
-        raise DataError(f"{folder}: graphs_gt.json and graphs_detected.json hold no scene graph")
+        raise DataError(f"{folder}: graphs_gt and graphs_detected hold no scene graph")
     return max(most_nodes, 1), most_edges
+
+
+def _added_reverse_edges(table: GraphTable) -> np.ndarray:
+    """Per image, the reverse edges `to_pyg` adds: distinct (t, s) of its edges (s, t) that are not edges."""
+    _, per_image = table.sizes()
+    image = np.repeat(np.arange(len(table), dtype=np.int64), per_image)
+    pairs = np.asarray(table.a["edges"], dtype=np.int64).reshape(-1, 2)
+    width = int(pairs.max()) + 1 if pairs.size else 1
+    forward = (image * width + pairs[:, 0]) * width + pairs[:, 1]
+    backward = np.unique((image * width + pairs[:, 1]) * width + pairs[:, 0])
+    added = backward[~np.isin(backward, forward)]
+    return np.bincount(added // (width * width), minlength=len(table))
 
 
 @cache
