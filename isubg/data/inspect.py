@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from isubg.data.features import FeatureStore
+from isubg.data.features import FeatureShards, FeatureStore, open_features, recorded_paths
 from isubg.errors import DataError
 
 __all__ = ["InspectReport", "box_histogram", "inspect_features", "inspect_path", "inspect_processed"]
@@ -51,21 +51,22 @@ def box_histogram(counts: list[int]) -> dict[str, int]:
     return {f"{b * 10 + 1}-{b * 10 + 10}": buckets[b] for b in sorted(buckets)}
 
 
-def _scan_non_finite(store: FeatureStore, problems: list[str]) -> None:
+def _scan_non_finite(store: FeatureStore | FeatureShards, problems: list[str]) -> None:
     import h5py
 
-    with h5py.File(store.path, "r") as handle:
-        data = handle["image_features"]
-        rows = data.shape[0]
-        for start in range(0, rows, _SCAN_ROWS):
-            block = np.asarray(data[start : start + _SCAN_ROWS])
-            bad = ~np.isfinite(block)
-            if bad.any():
-                first = start + int(np.argwhere(bad)[0][0])
-                problems.append(
-                    f"{store.path}: image_features holds {int(bad.sum())} NaN/inf value(s) in rows "
-                    f"{start}-{start + len(block) - 1} (first at row {first})"
-                )
+    for path in store.paths:
+        with h5py.File(path, "r", locking=False) as handle:
+            data = handle["image_features"]
+            rows = data.shape[0]
+            for start in range(0, rows, _SCAN_ROWS):
+                block = np.asarray(data[start : start + _SCAN_ROWS])
+                bad = ~np.isfinite(block)
+                if bad.any():
+                    first = start + int(np.argwhere(bad)[0][0])
+                    problems.append(
+                        f"{path}: image_features holds {int(bad.sum())} NaN/inf value(s) in rows "
+                        f"{start}-{start + len(block) - 1} (first at row {first})"
+                    )
 
 
 def inspect_features(path: Path) -> InspectReport:
@@ -126,7 +127,7 @@ def _check_split(
     split: str, records: list[dict[str, Any]], refs: dict[str, Any], problems: list[str]
 ) -> dict[str, int]:
     """Cross-reference one split's records; returns per-split counts."""
-    store: FeatureStore = refs["store"]
+    store: FeatureStore | FeatureShards = refs["store"]
     missing: dict[str, set[str]] = {"features": set(), **{name: set() for name in _EVERY_IMAGE}}
     bad_tokens = bad_labels = unanswerable = 0
     for r in records:
@@ -188,7 +189,7 @@ def inspect_processed(folder: Path) -> InspectReport:
     try:
         manifest = read_manifest(folder)
         _check_checksums(folder, manifest, report.problems)
-        store = FeatureStore(Path(manifest["features"]["path"]))
+        store = open_features(recorded_paths(manifest["features"]))
         answers = read_json(folder / "answers.json")["answers"]
         refs = {
             "store": store,
