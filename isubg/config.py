@@ -151,7 +151,11 @@ class DataConfig(_Section):
     demo_size: Literal["tiny", "small", "medium"] = _p(
         "small", "Size of the embedded demo dataset used when data.root is unset (tiny, small, medium)."
     )
-    features: Path | None = _p(None, "HDF5 box-feature file; unset: the file named in the processed folder's manifest.")
+    features: Path | list[Path] | None = _p(
+        None,
+        "HDF5 box-feature file, or a list of files (shards: one id map over all, each image in one file; YAML list "
+        "or --set data.features=[a.h5,b.h5]); unset: the file(s) named in the processed folder's manifest.",
+    )
     image_root: Path | None = _p(
         None, "Image folder for the X-VLM Swin/ViT encoder (model.xvlm.vision); unset: region features only."
     )
@@ -185,6 +189,13 @@ class DataConfig(_Section):
     val_limit: Int | None = _p(
         None, "Validate on the first N questions of the validation split only; unset: all.", ge=1
     )
+
+    @field_validator("features")
+    @classmethod
+    def _features_name_a_file(cls, value: Path | list[Path] | None) -> Path | list[Path] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list names no features file; leave data.features unset to use the manifest's")
+        return value
 
 
 class CfrfConfig(_Section):
@@ -599,7 +610,10 @@ def _type_words(annotation: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(annotation))
     if origin is list:
-        return "a list drawn from " + _type_words(get_args(annotation)[0]).removeprefix("one of ")
+        item = get_args(annotation)[0]
+        if item is Path:
+            return "a list of paths"
+        return "a list drawn from " + _type_words(item).removeprefix("one of ")
     args = [a for a in get_args(annotation) if a is not type(None)]
     if args and len(args) < len(get_args(annotation)):  # Optional[...]
         return " or ".join(_type_words(a) for a in args) + " or null"

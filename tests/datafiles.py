@@ -95,3 +95,32 @@ def tsv_line(image_id: int, n: int, dim: int, rng: np.random.Generator, labels: 
         arrays["attrs_conf"] = rng.uniform(0, 1, n).astype(np.float32)
         fields += [b64(arrays[k]) for k in ("objects_id", "objects_conf", "attrs_id", "attrs_conf")]
     return "\t".join(fields), arrays
+
+
+def split_adaptive_h5(source: Path, shards: dict[Path, list[str]], scale: dict[Path, float] | None = None) -> None:
+    """Write each shard as an adaptive file (with `image_ids`, as `isubg data convert-features` does) holding
+    the listed images of `source`, an adaptive file with an `image_ids` dataset. Per-box datasets (every
+    dataset with one row per box) and per-image ones (`image_ids`, `image_size`) are carried over;
+    `scale[shard]` multiplies that shard's image_features, so a test can tell which shard a read came from.
+    """
+    with h5py.File(source, "r", locking=False) as f:  # the store under test may hold it open
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["image_ids"][()]]
+        pos, rows = f["pos_boxes"][()], f["image_features"].shape[0]
+        per_box = {k: f[k][()] for k in f if k != "pos_boxes" and f[k].shape[0] == rows}
+        per_image = {k: f[k][()] for k in ("image_size",) if k in f}
+    index = {image_id: i for i, image_id in enumerate(ids)}
+    for shard, images in shards.items():
+        picks = [index[i] for i in images]
+        ranges = [np.arange(*pos[i]) for i in picks]
+        counts = np.cumsum([0, *(len(r) for r in ranges)])
+        box_rows = np.concatenate(ranges)
+        with h5py.File(shard, "w") as out:
+            for key, values in per_box.items():
+                data = values[box_rows]
+                if key == "image_features" and scale and shard in scale:
+                    data = (data * scale[shard]).astype(values.dtype)
+                out.create_dataset(key, data=data)
+            if "image_size" in per_image:
+                out.create_dataset("image_size", data=per_image["image_size"][picks])
+            out.create_dataset("image_ids", data=np.asarray(images, dtype=h5py.string_dtype()))
+            out.create_dataset("pos_boxes", data=np.stack([counts[:-1], counts[1:]], 1).astype(np.int32))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from datafiles import tsv_line, write_adaptive_h5
+from datafiles import tsv_line, write_adaptive_h5, write_fixed_h5
 from typer.testing import CliRunner
 
 from isubg.cli import app
@@ -88,6 +88,35 @@ def test_prepare_through_the_cli(runner: CliRunner, tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "testdev_balanced_questions.json" in missing.output
     inspected = runner.invoke(app, ["data", "inspect", str(out)])
     assert inspected.exit_code == 0 and "No problems found" in inspected.output
+
+
+def test_prepare_reads_features_given_as_several_files(runner: CliRunner, tmp_path: Path) -> None:
+    from test_prepare import _gqa_raw
+
+    from isubg.data.dataset import VQADataset
+    from isubg.data.prepare import read_manifest
+
+    raw = _gqa_raw(tmp_path)  # its feats.h5 is not used: images 101 and 102 in one shard, 103 in another
+    adaptive, fixed = tmp_path / "train.h5", tmp_path / "val36.h5"
+    feats = write_adaptive_h5(adaptive, {101: 12, 102: 30}, seed=3)
+    feats[103] = write_fixed_h5(fixed, [103], seed=4)[0]
+    out = tmp_path / "processed"
+    args = ["data", "prepare", "gqa", str(raw), "--features", str(adaptive), "--features", str(fixed), "-o", str(out)]
+    result = runner.invoke(app, [*args, "--splits", "train,val"])
+    assert result.exit_code == 0, result.output
+    entry = read_manifest(out)["features"]
+    assert entry["paths"] == [str(adaptive.resolve()), str(fixed.resolve())] and "path" not in entry
+    assert entry["bytes"] == adaptive.stat().st_size + fixed.stat().st_size
+    assert entry["images"] == 3 and entry["layout"] == "adaptive+fixed" and entry["feature_dim"] == 8
+    val = VQADataset(out, "val", question_len=6, max_boxes=50, num_stat_word=4)  # images 103 and 102
+    assert [val.records[i]["image_id"] for i in range(2)] == ["103", "102"]
+    np.testing.assert_array_equal(val[0].features, feats[103])
+    np.testing.assert_array_equal(val[1].features, feats[102])
+    inspected = runner.invoke(app, ["data", "inspect", str(out)])
+    assert inspected.exit_code == 0 and "No problems found" in inspected.output, inspected.output
+    again = [*args[:-2], "--features", str(tmp_path / "feats.h5"), "-o", str(tmp_path / "p2"), "--splits", "train"]
+    clash = runner.invoke(app, again)  # feats.h5 holds 101-103 too
+    assert clash.exit_code == 2 and "image 101 is in both" in " ".join(clash.output.split()), clash.output
 
 
 def test_prepare_rejects_an_unknown_dataset(runner: CliRunner, tmp_path: Path) -> None:

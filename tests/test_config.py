@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -67,6 +69,27 @@ def test_branches_must_be_a_nonempty_set_of_known_names() -> None:
             RunConfig.model_validate({"model": {"branches": bad}})
 
 
+def test_features_are_one_path_or_a_nonempty_list_of_paths(tmp_path: Path) -> None:
+    from isubg.errors import ConfigError
+    from isubg.resolve import resolve_config
+
+    assert RunConfig.model_validate({"data": {"features": "a.h5"}}).data.features == Path("a.h5")
+    listed = RunConfig.model_validate({"data": {"features": ["a.h5", "b.h5"]}}).data.features
+    assert listed == [Path("a.h5"), Path("b.h5")]
+    with pytest.raises(ValidationError, match="an empty list names no features file"):
+        RunConfig.model_validate({"data": {"features": []}})
+    assert resolve_config("demo", sets=["data.features=[a.h5, b.h5]"]).config.data.features == listed
+    assert resolve_config("demo", sets=["data.features=a.h5"]).config.data.features == Path("a.h5")
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("data:\n  features:\n    - /f/train.h5\n    - /f/val.h5\n")
+    from_file = resolve_config("demo", config_file=yaml_file).config
+    assert from_file.data.features == [Path("/f/train.h5"), Path("/f/val.h5")]
+    dumped = RunConfig.model_validate(from_file.model_dump(mode="json"))  # a run directory's config.yaml reloads
+    assert dumped.data.features == from_file.data.features
+    with pytest.raises(ConfigError, match=r"data\.features = \[\]"):
+        resolve_config("demo", sets=["data.features=[]"])
+
+
 def test_cross_field_rules() -> None:
     with pytest.raises(ValidationError, match=r"multiple of model\.xvlm\.num_heads"):
         RunConfig.model_validate({"model": {"xvlm": {"hidden_size": 100, "num_heads": 12}}})
@@ -104,6 +127,7 @@ def test_allowed_describes_type_and_bounds() -> None:
     assert specs["memory.max_memory_usage"].allowed() == "a number > 0.0 and <= 1.0"
     assert specs["model.isubg.sampler_type"].allowed() == "one of 'imle', 'gumbel'"
     assert specs["data.root"].allowed() == "a path or null"
+    assert specs["data.features"].allowed() == "a path or a list of paths or null"
 
 
 def test_advice_warnings_name_path_value_and_range() -> None:

@@ -265,6 +265,17 @@ def test_inspect_processed_passes_and_catches_tampering(gqa: Path) -> None:
     assert any("word ids outside the dictionary" in p for p in problems)
 
 
+def test_one_features_file_is_recorded_as_path_and_paths_and_an_older_entry_still_reads(gqa: Path) -> None:
+    manifest = read_manifest(gqa)
+    entry = manifest["features"]
+    assert entry["paths"] == [entry["path"]] and entry["path"].endswith("feats.h5") and entry["layout"] == "adaptive"
+    new = VQADataset(gqa, "train", question_len=6, max_boxes=20, num_stat_word=4)[0].features
+    del entry["paths"]  # as written before features could be several files
+    (gqa / "manifest.json").write_text(json.dumps(manifest))
+    old = VQADataset(gqa, "train", question_len=6, max_boxes=20, num_stat_word=4)[0].features
+    np.testing.assert_array_equal(old, new)
+
+
 def test_dataset_errors(gqa: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no split 'test'"):
         VQADataset(gqa, "test", question_len=4, max_boxes=4, num_stat_word=2)

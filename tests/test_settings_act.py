@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from datafiles import split_adaptive_h5
 from processed import question_records
 from rich.console import Console
 
@@ -61,7 +62,7 @@ SHOWN_BY: dict[str, str] = {
     ),
     "data.root": "tests/test_memory.py::test_cli_uses_the_sizes_and_largest_graph_of_the_data",
     "data.demo_size": "tests/test_cli_train.py::test_no_arguments_means_the_demo_preset_on_the_cached_demo",
-    "data.features": "tests/test_settings_act.py::test_data_features_names_the_feature_file_read",
+    "data.features": "tests/test_settings_act.py::test_data_features_names_the_feature_files_read",
     "data.image_root": "tests/test_model_xvlm.py::test_image_input_tells_the_dataset_what_to_load",
     "data.train_split": "tests/test_settings_act.py::test_splits_and_limits_choose_the_questions",
     "data.val_split": "tests/test_settings_act.py::test_splits_and_limits_choose_the_questions",
@@ -441,7 +442,7 @@ def test_splits_and_limits_choose_the_questions(gqa: Path, tmp_path: Path) -> No
     assert sizes(*whole, "data.train_split=val", "data.val_split=testdev") == (count["val"], count["testdev"])
 
 
-def test_data_features_names_the_feature_file_read(gqa: Path, tmp_path: Path) -> None:
+def test_data_features_names_the_feature_files_read(gqa: Path, tmp_path: Path) -> None:
     source = Path(json.loads((gqa / "manifest.json").read_text())["features"]["path"])
     other = tmp_path / "other.h5"
     shutil.copyfile(source, other)
@@ -452,3 +453,20 @@ def test_data_features_names_the_feature_file_read(gqa: Path, tmp_path: Path) ->
     for i in range(4):
         np.testing.assert_allclose(doubled[i].features, 2 * plain[i].features, rtol=1e-6)
         np.testing.assert_array_equal(doubled[i].spatials, plain[i].spatials)
+    # A list: the images split over two shards, scaled by 2 and 3, so each read tells which shard it came from.
+    with h5py.File(source, "r", locking=False) as f:  # the store under test may hold it open
+        ids = [v.decode() for v in f["image_ids"][()]]
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    split_adaptive_h5(source, {a: ids[::2], b: ids[1::2]}, scale={a: 2.0, b: 3.0})
+    sharded = config(f"data.features=[{a}, {b}]", "data.num_workers=2")
+    shards = open_split(sharded, gqa, "train", None)
+    plain = open_split(config(), gqa, "train", None)
+    factors = set()
+    for i in range(len(plain)):
+        factor = 2.0 if shards.records[i]["image_id"] in ids[::2] else 3.0
+        np.testing.assert_allclose(shards[i].features, factor * plain[i].features, rtol=1e-6)
+        factors.add(factor)
+    assert factors == {2.0, 3.0}
+    run_dir = tmp_path / "run"
+    run(sharded, run_dir, gqa, stop_after_steps=2)  # a run reads them too, through forked loader workers
+    assert start_record(run_dir)["train_size"] == 48

@@ -107,7 +107,13 @@ def demo(
 def prepare(
     dataset: Annotated[str, typer.Argument(help="gqa or vqa.", metavar="gqa|vqa")],
     raw: Annotated[Path, typer.Argument(help="Folder holding the official question/annotation/scene-graph files.")],
-    features: Annotated[Path, typer.Option("--features", help="The HDF5 box features of every image used.")],
+    features: Annotated[
+        list[Path],
+        typer.Option(
+            "--features",
+            help="The HDF5 box features of every image used; repeat it for several files (each image in one).",
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The processed folder to write.")],
     splits: Annotated[str, typer.Option(help="Comma-separated split names.")] = "train,val,testdev",
     train_split: Annotated[str, typer.Option(help="The split answers and tf-idf are learned from.")] = "train",

@@ -21,7 +21,7 @@ from torch_geometric.data import Data
 
 from isubg.batch import Batch, DataSpec
 from isubg.data.answers import AnswerVocab
-from isubg.data.features import FeatureStore
+from isubg.data.features import open_features, recorded_paths
 from isubg.data.files import read_json
 from isubg.data.images import ImageLoader
 from isubg.data.prepare import SceneGraphMode, graph_sources, read_manifest
@@ -90,7 +90,8 @@ class VQADataset(Dataset[Sample]):
         question_len: tokens kept per question (truncated, then 0-padded).
         max_boxes: boxes kept per image (see FeatureStore's rule).
         num_stat_word: stat words per image.
-        features: the HDF5 features; None uses the path recorded in the manifest.
+        features: the HDF5 features, one file or several (shards, see FeatureShards); None: the file(s) recorded
+            in the manifest. Relative paths are taken from `folder`.
         in_memory: read the features into RAM.
         image_root: data.image_root; when set each Sample carries its image's pixels (`Sample.image`,
             `Batch.images`) for the X-VLM Swin/ViT encoder. None: no pixels.
@@ -118,7 +119,7 @@ class VQADataset(Dataset[Sample]):
         question_len: int,
         max_boxes: int,
         num_stat_word: int,
-        features: Path | None = None,
+        features: Path | Sequence[Path] | None = None,
         in_memory: bool = False,
         image_root: Path | None = None,
         image_res: int = 480,
@@ -141,10 +142,10 @@ class VQADataset(Dataset[Sample]):
         # Stat words: the ground truth's only under "gt"; "auto" takes the detector's, as at test time.
         stats_kind = "gt" if scene_graphs == "gt" else "detected"
         self._stats = GraphTable(self.folder / f"graphs_{stats_kind}", self.graph_vocab)
-        path = Path(features) if features is not None else Path(self.manifest["features"]["path"])
-        if not path.is_absolute():
-            path = self.folder / path
-        self.features = FeatureStore(path, max_boxes=max_boxes, in_memory=in_memory)
+        given = recorded_paths(self.manifest["features"]) if features is None else features
+        paths = [Path(p) for p in ([given] if isinstance(given, (str, Path)) else given)]
+        paths = [p if p.is_absolute() else self.folder / p for p in paths]
+        self.features = open_features(paths, max_boxes=max_boxes, in_memory=in_memory)
         self.has_targets = self.records.answered(0)
         self.images: ImageLoader | None = None
         if image_root is not None:

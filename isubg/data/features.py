@@ -24,6 +24,10 @@ strings and VQA ids are ints, and one type avoids silent misses.
 are kept if the file carries detector confidences (`objects_conf`), in their stored order;
 otherwise the first `max_boxes` rows in stored order are kept, which is what BAN and CFR do (the
 bottom-up extractor stores boxes in RPN order, so that is not a confidence ranking).
+
+**Shards.** GQA and VQA box features often come as several files (per split or per shard).
+`open_features` opens one path as a `FeatureStore` and several as a `FeatureShards`, which reads them as
+one store: one image-id map spanning every file (an id may be in one file only), one feature dimension.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import io
 import json
 import os
 import pickle
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,7 @@ import numpy as np
 
 from isubg.errors import DataError
 
-__all__ = ["FeatureStore", "ImageBoxes", "read_id_map"]
+__all__ = ["FeatureShards", "FeatureStore", "ImageBoxes", "open_features", "read_id_map", "recorded_paths"]
 
 _REQUIRED = ("image_features", "image_bb", "spatial_features")
 _OPTIONAL_PER_BOX = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
@@ -157,6 +162,11 @@ class FeatureStore:
             # Closed either way: a lazy store reopens on its first read, so a process that forks DataLoader
             # workers before reading holds no HDF5 handle across the fork (HDF5 is not fork-safe).
             self.close()
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The one file, as a tuple (what `FeatureShards.paths` gives for several)."""
+        return (self.path,)
 
     # ---------------------------------------------------------------------------------------------
     # Opening and checking
@@ -331,3 +341,159 @@ class FeatureStore:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: h5py may already be gone
             self.close()
+
+
+def _restrict(store: FeatureStore, optional: tuple[str, ...], has_image_size: bool) -> None:
+    """Make `store` read as if it held only the `optional` datasets (and `image_size` when `has_image_size`)."""
+    store.optional = optional
+    store.has_image_size = has_image_size
+    if store._arrays is not None:  # in_memory: drop what is no longer read
+        kept = {*optional, *(("image_size",) if has_image_size else ())}
+        for key in {*_OPTIONAL_PER_BOX, "image_size"} - kept:
+            store._arrays.pop(key, None)
+
+
+class FeatureShards:
+    """Several feature files read as one `FeatureStore`: the same public interface, one id map over all files.
+
+    Each file is a `FeatureStore` of its own (its own id map, lazy per-process handle opened with
+    `locking=False`, closed before a fork), so pickling this object to a DataLoader worker and reading there is
+    as safe as with one file. An image id is looked up in O(1) through one dict from id to shard number whose
+    keys are the shards' own id strings (not copies); the per-shard maps are not duplicated.
+
+    Rules across shards:
+        - every shard has the same `feature_dim` (their dtypes may differ: reads are float32 anyway);
+        - an image id is in one shard only;
+        - `optional` holds the optional per-box datasets (objects_id, objects_conf, attrs_id, attrs_conf) present
+          in EVERY shard, and `has_image_size` is true only when every shard has `image_size`. A dataset some
+          shard lacks is ignored in all of them, so every image follows the same rules: `get` fills the same
+          fields for every image, and the `max_boxes` rule ranks by `objects_conf` everywhere or nowhere;
+        - layouts may differ: `layouts` lists each shard's, `layout` is the distinct ones in shard order joined
+          by "+" ("adaptive", or e.g. "adaptive+fixed").
+
+    Args:
+        paths: two or more HDF5 files (a single file works too, but `open_features` gives a FeatureStore then).
+        max_boxes: keep at most this many boxes per image; None keeps all.
+        in_memory: read every file into RAM up front.
+
+    Attributes:
+        path: the files joined by " + ", for messages only; `paths` holds the files.
+
+    Raises:
+        DataError: no file, a file given twice, any error a `FeatureStore` raises, different feature
+            dimensions, or an image id in two files; the message names both files (and the id).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], *, max_boxes: int | None = None, in_memory: bool = False) -> None:
+        self.paths = tuple(Path(p) for p in paths)
+        if not self.paths:
+            raise DataError("no features file given")
+        seen: dict[Path, Path] = {}
+        for path in self.paths:
+            if path.resolve() in seen:
+                raise DataError(f"{path}: the features file is given twice (also as {seen[path.resolve()]})")
+            seen[path.resolve()] = path
+        self.path = " + ".join(str(p) for p in self.paths)
+        self.max_boxes, self.in_memory = max_boxes, in_memory
+        self._stores = [FeatureStore(p, max_boxes=max_boxes, in_memory=in_memory) for p in self.paths]
+        first = self._stores[0]
+        for store in self._stores[1:]:
+            if store.feature_dim != first.feature_dim:
+                raise DataError(
+                    f"{store.path} has {store.feature_dim}-d features but {first.path} has {first.feature_dim}-d; "
+                    "every features file must have the same feature dimension"
+                )
+        self.feature_dim = first.feature_dim
+        self._owner = self._id_owners()
+        self.layouts = tuple(s.layout for s in self._stores)
+        self.layout = "+".join(dict.fromkeys(self.layouts))
+        self.optional = tuple(k for k in _OPTIONAL_PER_BOX if all(k in s.optional for s in self._stores))
+        self.has_image_size = all(s.has_image_size for s in self._stores)
+        for store in self._stores:
+            _restrict(store, self.optional, self.has_image_size)
+        self.num_images = sum(s.num_images for s in self._stores)
+
+    def _id_owners(self) -> dict[str, int]:
+        """Image id -> shard number, refusing an id that two shards hold."""
+        owner: dict[str, int] = {}
+        for number, store in enumerate(self._stores):
+            ids = store._id_to_index.keys()
+            clash = ids & owner.keys()  # a set operation: linear in the ids, not per-id Python work
+            if clash:
+                image = min(clash)
+                raise DataError(
+                    f"image {image} is in both {self._stores[owner[image]].path} and {store.path} "
+                    f"({len(clash)} image id(s) in both); an image may be in one features file only"
+                )
+            owner.update(dict.fromkeys(ids, number))  # the keys are the shard's own strings, shared, not copied
+        return owner
+
+    def _store(self, image_id: object) -> FeatureStore:
+        try:
+            return self._stores[self._owner[str(image_id)]]
+        except KeyError:
+            raise DataError(
+                f"image {image_id} is not in the features files {', '.join(map(str, self.paths))}"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __contains__(self, image_id: object) -> bool:
+        return str(image_id) in self._owner
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Every image id, shard by shard in the order of `paths`, each shard in index order."""
+        return [image_id for store in self._stores for image_id in store.image_ids]
+
+    def num_boxes(self, image_id: str) -> int:
+        """Boxes stored for an image, before the `max_boxes` rule."""
+        return self._store(image_id).num_boxes(image_id)
+
+    def get(self, image_id: object) -> ImageBoxes:
+        """The boxes of one image, limited by `max_boxes` (see `FeatureStore.get`).
+
+        Raises:
+            DataError: the image id is in none of the files.
+        """
+        return self._store(image_id).get(image_id)
+
+    def image_size(self, image_id: object) -> tuple[float, float] | None:
+        """(width, height) in pixels when every file records it, else None."""
+        return self._store(image_id).image_size(image_id)
+
+    def close(self) -> None:
+        """Close this process's handles (reopened on the next read)."""
+        for store in self._stores:
+            store.close()
+
+
+def open_features(
+    paths: str | Path | Sequence[str | Path], *, max_boxes: int | None = None, in_memory: bool = False
+) -> FeatureStore | FeatureShards:
+    """Open box features from one file (a `FeatureStore`) or several (a `FeatureShards`).
+
+    A one-element sequence opens a plain `FeatureStore`.
+
+    Raises:
+        DataError: as `FeatureStore` and `FeatureShards`; an empty sequence.
+    """
+    if isinstance(paths, (str, Path)):
+        return FeatureStore(paths, max_boxes=max_boxes, in_memory=in_memory)
+    if len(paths) == 1:
+        return FeatureStore(paths[0], max_boxes=max_boxes, in_memory=in_memory)
+    return FeatureShards(paths, max_boxes=max_boxes, in_memory=in_memory)
+
+
+def recorded_paths(entry: Mapping[str, Any]) -> list[Path]:
+    """The features files a processed folder's manifest records: its "features" entry's "paths", or "path" (the
+    one file, in folders prepared before "paths" was written).
+
+    Raises:
+        DataError: the entry names no file.
+    """
+    paths = entry.get("paths") or ([entry["path"]] if entry.get("path") else [])
+    if not paths:
+        raise DataError(f"the manifest's features entry names no file: {dict(entry)}")
+    return [Path(p) for p in paths]

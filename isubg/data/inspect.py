@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from isubg.data.features import FeatureStore
+from isubg.data.features import FeatureShards, FeatureStore, open_features, recorded_paths
 from isubg.data.tables import GraphTable, QuestionTable
 from isubg.errors import DataError
 
@@ -49,21 +49,22 @@ def box_histogram(counts: list[int]) -> dict[str, int]:
     return {f"{b * 10 + 1}-{b * 10 + 10}": buckets[b] for b in sorted(buckets)}
 
 
-def _scan_non_finite(store: FeatureStore, problems: list[str]) -> None:
+def _scan_non_finite(store: FeatureStore | FeatureShards, problems: list[str]) -> None:
     import h5py
 
-    with h5py.File(store.path, "r") as handle:
-        data = handle["image_features"]
-        rows = data.shape[0]
-        for start in range(0, rows, _SCAN_ROWS):
-            block = np.asarray(data[start : start + _SCAN_ROWS])
-            bad = ~np.isfinite(block)
-            if bad.any():
-                first = start + int(np.argwhere(bad)[0][0])
-                problems.append(
-                    f"{store.path}: image_features holds {int(bad.sum())} NaN/inf value(s) in rows "
-                    f"{start}-{start + len(block) - 1} (first at row {first})"
-                )
+    for path in store.paths:
+        with h5py.File(path, "r", locking=False) as handle:
+            data = handle["image_features"]
+            rows = data.shape[0]
+            for start in range(0, rows, _SCAN_ROWS):
+                block = np.asarray(data[start : start + _SCAN_ROWS])
+                bad = ~np.isfinite(block)
+                if bad.any():
+                    first = start + int(np.argwhere(bad)[0][0])
+                    problems.append(
+                        f"{path}: image_features holds {int(bad.sum())} NaN/inf value(s) in rows "
+                        f"{start}-{start + len(block) - 1} (first at row {first})"
+                    )
 
 
 def inspect_features(path: Path) -> InspectReport:
@@ -124,7 +125,7 @@ def _majority(table: QuestionTable, answer: int | None) -> float:
 
 def _check_split(split: str, table: QuestionTable, refs: dict[str, Any], problems: list[str]) -> dict[str, int]:
     """Cross-reference one split's questions; returns per-split counts."""
-    store: FeatureStore = refs["store"]
+    store: FeatureStore | FeatureShards = refs["store"]
     a = table.a
     image_ids = table.column_text("image_id")
     images = set(image_ids)
@@ -185,7 +186,7 @@ def _open_processed(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, A
 
     vocab = GraphVocab.load(folder / "graph_vocab.json")
     refs = {
-        "store": FeatureStore(Path(manifest["features"]["path"])),
+        "store": open_features(recorded_paths(manifest["features"])),
         "graphs_gt": GraphTable(folder / "graphs_gt", vocab),
         "graphs_detected": GraphTable(folder / "graphs_detected", vocab),
         "images_without_gt": manifest["scene_graphs"]["images_without_gt"],

@@ -39,7 +39,7 @@ import numpy as np
 
 from isubg import __version__
 from isubg.data import answers as ans
-from isubg.data.features import FeatureStore
+from isubg.data.features import FeatureShards, FeatureStore, open_features
 from isubg.data.files import read_json, sha256_file, write_json_atomic
 from isubg.data.questions import Question, load_gqa_questions, load_vqa_questions
 from isubg.data.scene_graphs import (
@@ -312,7 +312,7 @@ def _graph_words(graphs: Iterable[SceneGraph]) -> Iterable[str]:
 def prepare(
     dataset: Literal["gqa", "vqa"],
     splits: dict[str, SplitFiles],
-    features: Path,
+    features: Path | Sequence[Path],
     output: Path,
     *,
     train_split: str = "train",
@@ -337,7 +337,7 @@ def prepare(
         raise DataError(f"the training split '{train_split}' is not among the given splits {sorted(splits)}")
     log("reading questions")
     questions = {name: _load_questions(dataset, files) for name, files in splits.items()}
-    store = FeatureStore(features)
+    store = open_features(features)  # several files: shards with one image-id map (FeatureShards)
     _check_features(store, questions)
     log("building scene graphs")
     graphs = _scene_graphs(dataset, splits, questions, store, (object_vocab, attribute_vocab))
@@ -470,7 +470,7 @@ def _stat_tokens(phrases: Iterable[str], words: Dictionary) -> list[int]:
 
 
 def _write_manifest(tmp: Path, report: PrepareReport, **info: Any) -> None:
-    features: FeatureStore = info.pop("features")
+    features: FeatureStore | FeatureShards = info.pop("features")
     files = {
         p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(tmp.rglob("*"))
@@ -488,8 +488,10 @@ def _write_manifest(tmp: Path, report: PrepareReport, **info: Any) -> None:
         "dictionary_size": report.dictionary,
         "answer_count": report.answers,
         "features": {
-            "path": str(features.path.resolve()),
-            "bytes": features.path.stat().st_size,
+            # "path" for one file (readable at a glance), "paths" always; readers use features.recorded_paths.
+            **({"path": str(features.paths[0].resolve())} if len(features.paths) == 1 else {}),
+            "paths": [str(p.resolve()) for p in features.paths],
+            "bytes": sum(p.stat().st_size for p in features.paths),
             "layout": features.layout,
             "feature_dim": features.feature_dim,
             "images": len(features),
