@@ -407,3 +407,14 @@ def test_a_folder_of_an_older_processed_format_is_rejected(gqa: Path) -> None:
     with pytest.raises(DataError, match=expected):
         VQADataset(gqa, "train", question_len=4, max_boxes=4, num_stat_word=2)
     assert any("older isubg" in p for p in inspect_processed(gqa).problems)
+
+
+def test_prepare_reports_progress_per_file_and_step(tmp_path: Path) -> None:
+    raw = _gqa_raw(tmp_path)
+    calls: dict[str, list[tuple[int, int]]] = {}
+    prepare("gqa", discover_splits("gqa", raw, ["train", "val"]), tmp_path / "feats.h5", tmp_path / "out",
+            progress=lambda what, done, total: calls.setdefault(what, []).append((done, total)))  # fmt: skip
+    expected = {"detector scene graphs": 3, "writing questions_train": 3, "writing questions_val": 2}
+    for what, total in expected.items():
+        assert calls[what][0] == (0, total) and calls[what][-1] == (total, total), what
+        assert [d for d, _ in calls[what]] == sorted(d for d, _ in calls[what])

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from isubg.cli._common import JsonOpt, user_errors
@@ -103,6 +112,38 @@ def demo(
     console.print(f"Check it with: isubg data inspect {build.processed('gqa')}")
 
 
+class _PrepareBars:
+    """One progress bar per file read and per long step of `isubg data prepare` (on stderr)."""
+
+    def __init__(self) -> None:
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console(),
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> _PrepareBars:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def log(self, message: str) -> None:
+        """A step without a measurable size: one line above the bars."""
+        self.bars.console.print(message, markup=False, highlight=False)
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        task = self.tasks.get(what)
+        if task is None:
+            task = self.tasks[what] = self.bars.add_task(what, total=total)
+        self.bars.update(task, completed=done, total=total)
+
+
 @app.command()
 def prepare(
     dataset: Annotated[str, typer.Argument(help="gqa or vqa.", metavar="gqa|vqa")],
@@ -149,7 +190,7 @@ def prepare(
             raise ConfigError(f"{output} exists; pass --force to replace it")
         names = [s.strip() for s in splits.split(",") if s.strip()]
         files = discover_splits(dataset, raw, names)  # type: ignore[arg-type]
-        with err_console().status("preparing") as status:
+        with _PrepareBars() as bars:
             report = run_prepare(
                 dataset,  # type: ignore[arg-type]
                 files,
@@ -160,7 +201,8 @@ def prepare(
                 min_answer_count=min_answer_count,
                 object_vocab=object_vocab,
                 attribute_vocab=attribute_vocab,
-                log=lambda message: status.update(message),
+                log=bars.log,
+                progress=bars,
             )
     console = out_console()
     console.print(f"Wrote {output} in {report.seconds:.1f} s: {report.dictionary} words, {report.answers} answers.")

@@ -72,6 +72,16 @@ MAX_STAT_WORDS = 50  # stored per image; training takes the first data.num_stat_
 # 3: questions and scene graphs (with their stat words) are memory-mapped tables (isubg.data.tables), not JSON.
 FORMAT_VERSION = 3
 Log = Callable[[str], None]
+# progress(what, done, total): called as each long step advances ("reading train_balanced_questions.json" in
+# bytes, "detector scene graphs" in images, "writing questions_train" in questions), last with done == total.
+Progress = Callable[[str, int, int], None]
+_EVERY = 2000  # items between progress calls
+
+
+def _no_progress(what: str, done: int, total: int) -> None:
+    """The default progress hook: report nothing."""
+
+
 SceneGraphMode = Literal["auto", "gt", "detected"]  # data.scene_graphs
 
 
@@ -98,7 +108,7 @@ class PrepareReport:
     warnings: list[str] = field(default_factory=list)  # worth a user's attention, e.g. empty detected stat words
 
 
-def _load_questions(dataset: str, files: SplitFiles) -> list[Question]:
+def _load_questions(dataset: str, files: SplitFiles, progress: Progress = _no_progress) -> list[Question]:
     if dataset == "gqa":
         return load_gqa_questions(files.questions)
     return load_vqa_questions(files.questions, files.annotations)
@@ -115,7 +125,9 @@ def _check_features(store: FeatureStore, questions: dict[str, list[Question]]) -
             )
 
 
-def _gqa_graphs(splits: dict[str, SplitFiles], questions: dict[str, list[Question]]) -> dict[str, SceneGraph]:
+def _gqa_graphs(
+    splits: dict[str, SplitFiles], questions: dict[str, list[Question]], progress: Progress = _no_progress
+) -> dict[str, SceneGraph]:
     """The official graphs of the splits that have a scene-graph file; each of their images must have one."""
     graphs: dict[str, SceneGraph] = {}
     for split, files in splits.items():
@@ -172,7 +184,11 @@ def _label_warning(store: FeatureStore, objects: Path | None, attributes: Path |
 
 
 def _detected_graphs(
-    store: FeatureStore, image_ids: Iterable[str], objects: Path | None, attributes: Path | None
+    store: FeatureStore,
+    image_ids: Sequence[str],
+    objects: Path | None,
+    attributes: Path | None,
+    progress: Progress = _no_progress,
 ) -> tuple[dict[str, SceneGraph], dict[str, list[str]]]:
     """Scene graphs and stat-word phrases built from the detector, for every image.
 
@@ -183,7 +199,9 @@ def _detected_graphs(
     """
     object_names, attribute_names = _read_vocab_lines(objects), _read_vocab_lines(attributes)
     graphs, words = {}, {}
-    for image_id in image_ids:
+    for done, image_id in enumerate(image_ids):
+        if done % _EVERY == 0:
+            progress("detector scene graphs", done, len(image_ids))
         boxes = store.get(image_id)
         size = store.image_size(image_id)
         # Without a recorded image size, the normalised spatials are the boxes of a 1 x 1 image.
@@ -203,6 +221,7 @@ def _detected_graphs(
             name_conf=boxes.label_conf,
             attribute_conf=boxes.attribute_conf,
         )
+    progress("detector scene graphs", len(image_ids), len(image_ids))
     return graphs, words
 
 
@@ -227,12 +246,13 @@ def _scene_graphs(
     questions: dict[str, list[Question]],
     store: FeatureStore,
     vocabs: tuple[Path | None, Path | None],
+    progress: Progress = _no_progress,
 ) -> _SceneGraphs:
     """Official graphs (GQA splits with a scene-graph file) and detector graphs and stat words (every image)."""
     image_ids = sorted({q.image_id for items in questions.values() for q in items})
-    loaded = _gqa_graphs(splits, questions) if dataset == "gqa" else {}
+    loaded = _gqa_graphs(splits, questions, progress) if dataset == "gqa" else {}
     gt = {i: loaded[i] for i in image_ids if i in loaded}
-    detected, words = _detected_graphs(store, image_ids, *vocabs)
+    detected, words = _detected_graphs(store, image_ids, *vocabs, progress=progress)
     sources = {
         "gt_splits": [s for s, f in splits.items() if dataset == "gqa" and f.scene_graphs is not None],
         "detected": True,
@@ -321,6 +341,7 @@ def prepare(
     object_vocab: Path | None = None,
     attribute_vocab: Path | None = None,
     log: Log = lambda _: None,
+    progress: Progress = _no_progress,
 ) -> PrepareReport:
     """Check and convert one dataset into a processed folder (see the module docstring).
 
@@ -336,11 +357,11 @@ def prepare(
     if train_split not in splits:
         raise DataError(f"the training split '{train_split}' is not among the given splits {sorted(splits)}")
     log("reading questions")
-    questions = {name: _load_questions(dataset, files) for name, files in splits.items()}
+    questions = {name: _load_questions(dataset, files, progress) for name, files in splits.items()}
     store = open_features(features)  # several files: shards with one image-id map (FeatureShards)
     _check_features(store, questions)
     log("building scene graphs")
-    graphs = _scene_graphs(dataset, splits, questions, store, (object_vocab, attribute_vocab))
+    graphs = _scene_graphs(dataset, splits, questions, store, (object_vocab, attribute_vocab), progress)
     warning = _label_warning(store, object_vocab, attribute_vocab)
     if warning:
         log(warning)
@@ -364,6 +385,7 @@ def prepare(
         train_split=train_split,
         warnings=[warning] if warning else [],
         log=log,
+        progress=progress,
         start=start,
     )
 
@@ -403,6 +425,7 @@ def _write_files(
     train_split: str,
     warnings: list[str],
     log: Log,
+    progress: Progress,
     start: float,
 ) -> PrepareReport:
     report = PrepareReport(output=output, dictionary=len(words), answers=len(vocab), warnings=list(warnings))
@@ -414,10 +437,13 @@ def _write_files(
     log("writing questions")
     for split, items in questions.items():
         table, unanswerable = QuestionWriter(), 0
-        for record in _records(dataset, items, words, vocab, names):
+        for done, record in enumerate(_records(dataset, items, words, vocab, names)):
+            if done % _EVERY == 0:
+                progress(f"writing questions_{split}", done, len(items))
             unanswerable += record["labels"] == []
             table.add(record, gt.rows.get(record["image_id"], -1), detected.rows[record["image_id"]])
         table.write(tmp / f"questions_{split}")
+        progress(f"writing questions_{split}", len(items), len(items))
         report.splits[split] = {"questions": len(table), "images": len({q.image_id for q in items})}
         report.out_of_vocab[split] = unanswerable
     log("computing tf-idf")
