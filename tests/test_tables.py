@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from isubg.data.scene_graphs import GraphVocab, SceneGraph
 from isubg.data.tables import GraphTable, GraphWriter, QuestionTable, QuestionWriter
@@ -128,3 +129,23 @@ def test_broken_tables_are_clear_errors(questions: QuestionTable, tmp_path: Path
     with pytest.raises(DataError, match=r"table\.json: unreadable"):
         QuestionTable(folder)
     assert meta["kind"] == "questions"
+
+
+def test_pyg_from_stored_ids_equals_to_pyg_of_the_decoded_graph(tmp_path: Path) -> None:
+    from isubg.data.scene_graphs import to_pyg
+
+    graphs = _graphs()
+    graphs["7"].attributes[0] = ["white", "small", "white", "old", "wet"]  # a repeat, and more than 3
+    vocab = GraphVocab.build(graphs.values())
+    writer = GraphWriter(vocab, object_ids=True)
+    for image_id, graph in graphs.items():
+        writer.add(image_id, graph, [])
+    writer.write(tmp_path / "graphs")
+    table = GraphTable(tmp_path / "graphs", vocab)
+    for row, graph in enumerate(graphs.values()):
+        for slots in (0, 3):
+            fast, slow = table.pyg(row, slots), to_pyg(graph, vocab, slots)
+            assert fast.num_nodes == slow.num_nodes
+            for key in ("x", "edge_index", "edge_attr", "edge_reverse", "box"):
+                assert torch.equal(fast[key], slow[key]), key
+    assert table.pyg(0, 3).x[0].tolist() == [vocab.index(t) for t in ("cat", "white", "small", "old")]

@@ -25,7 +25,7 @@ from isubg.data.features import open_features, recorded_paths
 from isubg.data.files import read_json
 from isubg.data.images import ImageLoader
 from isubg.data.prepare import SceneGraphMode, graph_sources, read_manifest
-from isubg.data.scene_graphs import GraphVocab, SceneGraph, to_pyg
+from isubg.data.scene_graphs import GraphVocab, SceneGraph
 from isubg.data.tables import GraphTable, QuestionTable
 from isubg.data.text import PAD, Dictionary, tokenize
 from isubg.errors import DataError
@@ -200,16 +200,17 @@ class VQADataset(Dataset[Sample]):
         files = " or ".join(f"graphs_{kind}" for kind, _ in self._graphs)
         raise DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
 
-    def _graph_and_stats(self, index: int) -> tuple[SceneGraph, np.ndarray]:
-        """Item `index`'s scene graph under the mode and its image's stat-word ids, by the rows prepare stored."""
+    def _graph_and_stats(self, index: int) -> tuple[Data, np.ndarray]:
+        """Item `index`'s encoded scene graph under the mode and its image's stat-word ids, by the stored rows."""
         rows = dict(zip(("gt", "detected"), self.records.graph_rows(index), strict=True))
-        graph = next((table.graph(rows[kind]) for kind, table in self._graphs if rows[kind] >= 0), None)
-        if graph is None:
+        kind, table = next(((k, t) for k, t in self._graphs if rows[k] >= 0), (None, None))
+        if table is None or kind is None:
             image_id = self.records.text("image_id", index)
             files = " or ".join(f"graphs_{kind}" for kind, _ in self._graphs)
             raise DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
         stats_row = rows["gt" if self.scene_graphs == "gt" else "detected"]
-        return graph, self._stats.stat(stats_row) if stats_row >= 0 else np.zeros(0, np.int32)
+        stats = self._stats.stat(stats_row) if stats_row >= 0 else np.zeros(0, np.int32)
+        return table.pyg(rows[kind], MAX_ATTRIBUTES), stats
 
     def __getitem__(self, index: int) -> Sample:
         table = self.records
@@ -233,7 +234,7 @@ class VQADataset(Dataset[Sample]):
             spatials=boxes.spatials,
             stat_tokens=stat_tokens,
             stat_len=stat_len,
-            graph=to_pyg(graph, self.graph_vocab, max_attributes=MAX_ATTRIBUTES),
+            graph=graph,
             labels=None if targets is None else targets[0].astype(np.int64),
             scores=None if targets is None else targets[1].astype(np.float32),
             image=None if self.images is None else self.images.load(image_id),

@@ -77,6 +77,7 @@ __all__ = [
     "GraphVocab",
     "SceneGraph",
     "detector_stat_words",
+    "encoded_to_pyg",
     "load_gqa_scene_graphs",
     "spatial_scene_graph",
     "stat_words",
@@ -516,22 +517,22 @@ class GraphVocab:
 # --- PyG conversion and stat words ---------------------------------------------------------------
 
 
-def _node_features(graph: SceneGraph, vocab: GraphVocab, max_attributes: int) -> list[list[int]]:
+def _node_rows(names: Sequence[int], attributes: Sequence[Sequence[int]], max_attributes: int) -> list[list[int]]:
     rows = []
-    for name, attrs in zip(graph.names, graph.attributes, strict=True):
-        # dict.fromkeys deduplicates keeping first appearance; set() (the reference) had arbitrary order.
-        kept = list(dict.fromkeys(attrs))[:max_attributes]
-        ids = [vocab.index(name)] + [vocab.index(a) for a in kept]
+    for name, attrs in zip(names, attributes, strict=True):
+        ids = [name, *list(attrs)[:max_attributes]]
         rows.append(ids + [0] * (1 + max_attributes - len(ids)))
     return rows
 
 
-def _with_reverse_edges(graph: SceneGraph) -> tuple[list[tuple[int, int]], list[str], list[bool]]:
-    """All relation edges, then one reverse edge per relation whose reverse is not present yet."""
-    pairs = [(int(s), int(t)) for s, t in graph.edges]
+def _with_reverse_edges(pairs: list[tuple[int, int]], relations: list[int]) -> tuple[list[int], list[bool]]:
+    """Extend `pairs` in place with one reverse edge per relation whose reverse is not present yet.
+
+    Returns the relation ids of every edge (a reverse edge reuses its relation's) and the reverse flags.
+    """
     present = set(pairs)
-    relations, reverse = list(graph.relations), [False] * len(pairs)
-    for (source, target), relation in zip(list(pairs), graph.relations, strict=True):
+    relations, reverse = list(relations), [False] * len(pairs)
+    for (source, target), relation in zip(list(pairs), relations[: len(pairs)], strict=True):
         # Checking the edges added so far too gives each missing direction exactly one reverse edge,
         # even when a relation is listed twice; a self-relation is its own reverse and adds nothing.
         if (target, source) not in present:
@@ -539,7 +540,38 @@ def _with_reverse_edges(graph: SceneGraph) -> tuple[list[tuple[int, int]], list[
             pairs.append((target, source))
             relations.append(relation)
             reverse.append(True)
-    return pairs, relations, reverse
+    return relations, reverse
+
+
+def encoded_to_pyg(
+    names: Sequence[int],
+    attributes: Sequence[Sequence[int]],
+    boxes: np.ndarray,
+    edges: Sequence[tuple[int, int]],
+    relations: Sequence[int],
+    max_attributes: int = 3,
+) -> Data:
+    """`to_pyg` for a graph whose names, attributes and relations are already `GraphVocab` ids.
+
+    The memory-mapped graph tables store graphs this way (isubg.data.tables), so the dataset skips decoding
+    ids to strings and back. Arguments are the `SceneGraph` fields as ids, each node's attributes already
+    without repeats; the result is `to_pyg`'s.
+    """
+    import torch
+    from torch_geometric.data import Data
+
+    if max_attributes < 0:
+        raise ValueError(f"max_attributes must be >= 0, got {max_attributes}")
+    pairs = [(int(s), int(t)) for s, t in edges]
+    edge_relations, reverse = _with_reverse_edges(pairs, [int(r) for r in relations])
+    return Data(
+        x=torch.tensor(_node_rows(names, attributes, max_attributes), dtype=torch.long).reshape(-1, 1 + max_attributes),
+        edge_index=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).t().contiguous(),
+        edge_attr=torch.tensor(edge_relations, dtype=torch.long),
+        edge_reverse=torch.tensor(reverse, dtype=torch.bool),
+        box=torch.from_numpy(np.array(boxes, dtype=np.float32)).reshape(-1, 4),
+        num_nodes=len(names),
+    )
 
 
 def to_pyg(graph: SceneGraph, vocab: GraphVocab, max_attributes: int = 3) -> Data:
@@ -564,19 +596,15 @@ def to_pyg(graph: SceneGraph, vocab: GraphVocab, max_attributes: int = 3) -> Dat
     Raises:
         ValueError: negative `max_attributes`.
     """
-    import torch
-    from torch_geometric.data import Data
-
-    if max_attributes < 0:
-        raise ValueError(f"max_attributes must be >= 0, got {max_attributes}")
-    pairs, relations, reverse = _with_reverse_edges(graph)
-    return Data(
-        x=torch.tensor(_node_features(graph, vocab, max_attributes), dtype=torch.long).reshape(-1, 1 + max_attributes),
-        edge_index=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).t().contiguous(),
-        edge_attr=torch.tensor([vocab.index(r) for r in relations], dtype=torch.long),
-        edge_reverse=torch.tensor(reverse, dtype=torch.bool),
-        box=torch.from_numpy(graph.boxes.copy()).float(),
-        num_nodes=graph.num_nodes,
+    return encoded_to_pyg(
+        [vocab.index(n) for n in graph.names],
+        # dict.fromkeys deduplicates keeping first appearance (set(), the reference's, had arbitrary order); on the
+        # tokens, so that two different unknown attributes keep two slots.
+        [[vocab.index(a) for a in dict.fromkeys(attrs)] for attrs in graph.attributes],
+        graph.boxes,
+        graph.edges.tolist(),
+        [vocab.index(r) for r in graph.relations],
+        max_attributes,
     )
 
 

@@ -33,12 +33,15 @@ from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from isubg.data.scene_graphs import GraphVocab, SceneGraph
+from isubg.data.scene_graphs import GraphVocab, SceneGraph, encoded_to_pyg
 from isubg.errors import DataError
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 __all__ = ["GraphTable", "GraphWriter", "QuestionTable", "QuestionWriter", "Ragged", "TextColumn"]
 
@@ -412,6 +415,23 @@ class GraphTable:
             edges=np.array(self.a["edges"][e0:e1], dtype=np.int64),
             relations=[tokens[t] for t in self.a["relations"][e0:e1].tolist()],
             object_ids=object_ids,
+        )
+
+    def pyg(self, row: int, max_attributes: int) -> Data:
+        """`to_pyg(self.graph(row), vocab, max_attributes)`, built from the stored ids without decoding them."""
+        first, last = int(self.a["names_offsets"][row]), int(self.a["names_offsets"][row + 1])
+        bounds = self.a["attributes_offsets"][first : last + 1].tolist()
+        attr_ids = self.a["attributes"][bounds[0] : bounds[-1]].tolist()
+        # Stored ids are all known tokens, so removing repeated ids is to_pyg's removal of repeated tokens.
+        attributes = [list(dict.fromkeys(attr_ids[s - bounds[0] : e - bounds[0]])) for s, e in pairwise(bounds)]
+        e0, e1 = int(self.a["edges_offsets"][row]), int(self.a["edges_offsets"][row + 1])
+        return encoded_to_pyg(
+            self.a["names"][first:last].tolist(),
+            attributes,
+            self.a["boxes"][first:last],
+            self.a["edges"][e0:e1].tolist(),
+            self.a["relations"][e0:e1].tolist(),
+            max_attributes,
         )
 
     def graph_of(self, image_id: str) -> SceneGraph:
