@@ -118,7 +118,8 @@ def _open(folder: Path, kind: str) -> tuple[dict[str, Any], dict[str, np.ndarray
     for name in meta.get("arrays", []):
         path = folder / f"{name}.npy"
         try:
-            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            # A plain ndarray view of the map: slicing a np.memmap costs several times more per row.
+            arrays[name] = np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: unreadable or truncated ({exc}); prepare the folder again") from None
     rows = int(meta["rows"])
@@ -194,9 +195,10 @@ class QuestionTable(Sequence[dict[str, Any]]):
         self.folder = Path(folder)
         self.meta, self.a = _open(self.folder, "questions")
         self._rows = rows
+        self._len = int(self.meta["rows"]) if rows is None else len(rows)
 
     def __len__(self) -> int:
-        return int(self.meta["rows"]) if self._rows is None else len(self._rows)
+        return self._len
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling (a spawned worker) sends the folder, not the mapped arrays: a copy would cost gigabytes.
