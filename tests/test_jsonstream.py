@@ -43,10 +43,6 @@ def _json_error(path: Path) -> str:
     return f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}"
 
 
-def test_default_chunk_is_a_few_mib() -> None:
-    assert CHUNK_BYTES == 4 * 1024 * 1024
-
-
 @pytest.mark.parametrize("chunk", [*range(1, 12), 64, CHUNK_BYTES])
 def test_object_at_every_chunk_size(tmp_path: Path, chunk: int) -> None:
     path = _write(tmp_path, OBJECT_TEXT)

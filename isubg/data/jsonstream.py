@@ -9,9 +9,10 @@ top-level structure themselves and hand each record to the standard library's C 
 - `iter_field_array` yields the items of the array under one key of a top-level object (VQA's
   `{"info": ..., "questions": [...]}`); the other top-level values are parsed and dropped.
 
-The file is read in binary chunks of `CHUNK_BYTES` through an incremental UTF-8 decoder (a leading BOM is
-dropped); text already parsed is trimmed from the buffer whenever a chunk is added. A record longer than the
-buffer is retried on a buffer grown geometrically, so even a single huge record costs linear time.
+The file is read in binary chunks of `CHUNK_BYTES` through an incremental UTF-8 decoder (UTF-8 only, as the
+official files are; a leading BOM is dropped); text already parsed is trimmed from the buffer whenever a
+chunk is added. A record longer than the buffer is retried on a buffer grown geometrically, so even a single
+huge record costs linear time.
 
 Both readers are generators: the file is opened, and errors are raised, as the caller iterates. Invalid JSON
 (including anything after the top-level value) raises `DataError` with the file, line and column, in the
@@ -41,6 +42,9 @@ ProgressFn = Callable[[int, int], None]
 """on_progress(done_bytes, total_bytes): called after every chunk read, and with done == total at the end."""
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_COMMA = re.compile(r"[ \t\n\r]*,")
+# A key without escapes or control characters (those json rejects), then its colon.
+_PLAIN_KEY = re.compile(r'[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:')
 _DECODER = json.JSONDecoder()
 
 # A value parsed, or a JSON error found, this close to the end of a buffer that is not the whole file may
@@ -78,6 +82,7 @@ class _Stream:
     # --- reading --------------------------------------------------------------------------------------
 
     def _trim(self) -> None:
+        """Drop the parsed text `buf[:pos]`, keeping count of its newlines for error positions."""
         consumed = self.pos
         self.lines += self.buf.count("\n", 0, consumed)
         newline = self.buf.rfind("\n", 0, consumed)
@@ -131,7 +136,8 @@ class _Stream:
 
     def value(self) -> Any:
         """Parse the JSON value at the current position (after whitespace) and move past it."""
-        self.peek()
+        if self.pos >= len(self.buf) or self.buf[self.pos] in " \t\n\r":
+            self.peek()
         while True:
             try:
                 value, end = _DECODER.raw_decode(self.buf, self.pos)
@@ -170,16 +176,19 @@ class _Stream:
             self.pos += 1
             return
         while True:
-            if self.peek() != '"':
-                raise self.error("Expecting property name enclosed in double quotes")
-            key = self.value()
-            self.expect(":", "Expecting ':' delimiter")
+            # Fast path, one regex for a plain key and its colon; anything else (escapes, a key cut by the
+            # buffer's end, an error) takes the general path.
+            match = _PLAIN_KEY.match(self.buf, self.pos)
+            if match is not None:
+                key, self.pos = match.group(1), match.end()
+            else:
+                if self.peek() != '"':
+                    raise self.error("Expecting property name enclosed in double quotes")
+                key = self.value()
+                self.expect(":", "Expecting ':' delimiter")
             yield key
-            char = self.peek()
-            if char == "}":
-                self.pos += 1
+            if not self._comma("}"):
                 return
-            self.expect(",", "Expecting ',' delimiter")
 
     def items(self) -> Iterator[Any]:
         """Yield the values of the array whose "[" was just read."""
@@ -188,10 +197,20 @@ class _Stream:
             return
         while True:
             yield self.value()
-            if self.peek() == "]":
-                self.pos += 1
+            if not self._comma("]"):
                 return
-            self.expect(",", "Expecting ',' delimiter")
+
+    def _comma(self, close: str) -> bool:
+        """Move past the "," after a member (True) or the `close` that ends the container (False)."""
+        match = _COMMA.match(self.buf, self.pos)
+        if match is not None:
+            self.pos = match.end()
+            return True
+        if self.peek() == close:
+            self.pos += 1
+            return False
+        self.expect(",", "Expecting ',' delimiter")
+        return True
 
     def top_object(self, expected: str) -> None:
         """Move past the "{" that opens the document, or raise `expected` naming what was found."""

@@ -9,7 +9,7 @@ VQA v2 questions: {"questions": [{"image_id", "question", "question_id"}], ...};
 Ids are strings everywhere (GQA ids are strings, VQA ids ints), so lookups never miss on type.
 
 The files are read streaming (`isubg.data.jsonstream`): one record is parsed at a time, and only what a
-`Question` needs of it is kept, with repeated strings (answers, types, image ids) shared.
+`Question` needs of it is kept, with repeated strings (answers, types, image ids) interned.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from sys import intern
+from typing import Any, NamedTuple
 
 from isubg.data.jsonstream import ProgressFn, iter_field_array, iter_object
 from isubg.errors import DataError
 
 __all__ = ["Question", "load_gqa_questions", "load_vqa_questions"]
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +58,6 @@ def _require(record: Any, keys: tuple[str, ...], where: str) -> Mapping[str, Any
     return record
 
 
-class _Shared:
-    """One object per distinct value: answers, types and image ids repeat across hundreds of thousands of
-    questions, and the JSON decoder makes a new string for every occurrence."""
-
-    def __init__(self) -> None:
-        self._pool: dict[Any, Any] = {}
-
-    def __call__(self, value: _T) -> _T:
-        return self._pool.setdefault(value, value)
-
-
 def _size(path: Path) -> int:
     # Only for progress totals: a file that cannot be read is reported by the reader that opens it.
     try:
@@ -96,7 +84,7 @@ def load_gqa_questions(path: Path, *, on_progress: ProgressFn | None = None) -> 
         DataError: invalid JSON or layout (not a mapping of question ids), a record missing imageId/question,
             a question id given twice, or no questions at all; messages name the file and the question id.
     """
-    share = _Shared()
+    singles: dict[str, tuple[str]] = {}  # answer -> (answer,), one tuple per distinct answer
     out: list[Question] = []
     seen: set[str] = set()
     for qid, raw in iter_object(path, on_progress=on_progress, expected="a mapping of questionId -> question"):
@@ -105,16 +93,16 @@ def load_gqa_questions(path: Path, *, on_progress: ProgressFn | None = None) -> 
             raise DataError(f"{path}: question {qid} appears twice")
         seen.add(qid)
         types = record.get("types") or {}
-        answer = None if record.get("answer") is None else share(str(record["answer"]))
+        answer = None if record.get("answer") is None else intern(str(record["answer"]))
         out.append(
             Question(
                 question_id=qid,
-                image_id=share(str(record["imageId"])),
+                image_id=intern(str(record["imageId"])),
                 text=str(record["question"]),
                 answer=answer,
-                human_answers=() if answer is None else share((answer,)),
-                qtype=share(str(types.get("structural") or "")),
-                detail=share(str(types.get("semantic") or "")),
+                human_answers=() if answer is None else singles.setdefault(answer, (answer,)),
+                qtype=intern(str(types.get("structural") or "")),
+                detail=intern(str(types.get("semantic") or "")),
             )
         )
     if not out:
@@ -132,24 +120,25 @@ class _Note(NamedTuple):
     detail: str
 
 
-def _note(record: Mapping[str, Any], share: _Shared) -> _Note:
-    humans = share(
-        tuple(share(str(a.get("answer", "")) if isinstance(a, Mapping) else str(a)) for a in record["answers"])
-    )
+def _note(record: Mapping[str, Any], answer_lists: dict[tuple[str, ...], tuple[str, ...]]) -> _Note:
+    """The fields a Question needs; `answer_lists` shares equal human-answer tuples (10 x "yes" is common)."""
+    # Parsed JSON objects are dicts: the exact type test is much faster than isinstance(a, Mapping).
+    humans = tuple([intern(str(a.get("answer", ""))) if type(a) is dict else intern(str(a)) for a in record["answers"]])
     answer = record.get("multiple_choice_answer")
     return _Note(
-        image_id=share(str(record["image_id"])),
-        answer=None if answer is None else share(str(answer)),
-        human_answers=humans,
-        qtype=share(str(record.get("answer_type") or "")),
-        detail=share(str(record.get("question_type") or "")),
+        image_id=intern(str(record["image_id"])),
+        answer=None if answer is None else intern(str(answer)),
+        human_answers=answer_lists.setdefault(humans, humans),
+        qtype=intern(str(record.get("answer_type") or "")),
+        detail=intern(str(record.get("question_type") or "")),
     )
 
 
-def _annotations_by_id(path: Path, share: _Shared, *, on_progress: ProgressFn | None = None) -> dict[str, _Note]:
+def _annotations_by_id(path: Path, *, on_progress: ProgressFn | None = None) -> dict[str, _Note]:
     """Question id -> its annotation's fields, in file order, read one annotation at a time."""
     expected = "an object with an 'annotations' list (VQA v2 annotations format)"
     by_id: dict[str, _Note] = {}
+    answer_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
     for i, raw in enumerate(iter_field_array(path, "annotations", on_progress=on_progress, expected=expected)):
         record = _require(raw, ("question_id", "image_id", "answers"), f"{path}: annotation #{i}")
         qid = str(record["question_id"])
@@ -157,7 +146,7 @@ def _annotations_by_id(path: Path, share: _Shared, *, on_progress: ProgressFn | 
             raise DataError(f"{path}: question {qid} is annotated twice")
         if not isinstance(record["answers"], list) or not record["answers"]:
             raise DataError(f"{path}: question {qid}: 'answers' must be a non-empty list")
-        by_id[qid] = _note(record, share)
+        by_id[qid] = _note(record, answer_lists)
     return by_id
 
 
@@ -180,12 +169,11 @@ def load_vqa_questions(
             (or an annotation whose image differs from its question's), annotations for unknown
             questions, or an empty split; messages name the file and the question id.
     """
-    share = _Shared()
     notes = None
     if annotations_path is not None:
         notes_size = _size(annotations_path)
         total = notes_size + _size(questions_path)
-        notes = _annotations_by_id(annotations_path, share, on_progress=_progress_from(on_progress, 0, total))
+        notes = _annotations_by_id(annotations_path, on_progress=_progress_from(on_progress, 0, total))
         on_progress = _progress_from(on_progress, notes_size, total)
     expected = "an object with a 'questions' list (VQA v2 questions format)"
     items = iter_field_array(questions_path, "questions", on_progress=on_progress, expected=expected)
@@ -193,7 +181,7 @@ def load_vqa_questions(
     seen: set[str] = set()
     for i, raw in enumerate(items):
         record = _require(raw, ("question_id", "image_id", "question"), f"{questions_path}: question #{i}")
-        qid, image_id = str(record["question_id"]), share(str(record["image_id"]))
+        qid, image_id = str(record["question_id"]), intern(str(record["image_id"]))
         if qid in seen:
             raise DataError(f"{questions_path}: question {qid} appears twice")
         seen.add(qid)
