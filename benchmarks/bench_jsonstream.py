@@ -121,7 +121,7 @@ def main() -> None:
             runs = [measure(case, path) for _ in range(args.repeats)]
             seconds, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
             rate = None if case == "import only" else round(size / 1e6 / seconds, 1)
-            rows[case] = {"seconds": round(seconds, 3), "mb_per_s": rate, "rss_mib": rss}
+            rows[case] = {"seconds": round(seconds, 3), "mb_per_s": rate, "rss_mib": round(rss)}
             print(f"{case:<26}{seconds:>9.2f}{'-' if rate is None else rate:>8}{rss:>14.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"file_bytes": size, "python": sys.version.split()[0], "cases": rows, "time": time.strftime("%Y-%m-%d")}
