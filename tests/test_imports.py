@@ -32,6 +32,7 @@ LAYERS = {
     "isubg.paramdocs": 4,
     "isubg.data": 2,
     "isubg.data.files": 2,
+    "isubg.data.jsonstream": 2,
     "isubg.data.answers": 3,
     "isubg.data.text": 3,
     "isubg.data.features": 3,

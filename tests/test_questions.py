@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,64 @@ def test_vqa_duplicates_and_layout(tmp_path: Path) -> None:
         load_vqa_questions(bad)
     with pytest.raises(DataError, match="holds no questions"):
         load_vqa_questions(_vqa_files(tmp_path, [], None)[0])
+
+
+def test_gqa_question_given_twice(tmp_path: Path) -> None:
+    # json.load kept the last of two equal keys; reading streaming sees both, and says so.
+    path = tmp_path / "dup.json"
+    path.write_text('{"1": {"imageId": "n1", "question": "A?"}, "1": {"imageId": "n2", "question": "B?"}}')
+    with pytest.raises(DataError, match=r"dup\.json: question 1 appears twice"):
+        load_gqa_questions(path)
+
+
+def test_vqa_layout_errors_keep_their_messages(tmp_path: Path) -> None:
+    q, a = _vqa_files(tmp_path, [{"image_id": 1, "question": "A?", "question_id": 10}], [_note(10, 1, ["yes"])])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": {"10": {}}}))
+    with pytest.raises(DataError) as info:
+        load_vqa_questions(q, bad)
+    assert str(info.value).startswith(
+        f"{bad}: expected an object with an 'annotations' list (VQA v2 annotations format), found 'annotations'"
+    )
+    (tmp_path / "q.json").write_text("[]")
+    with pytest.raises(DataError, match=r"q\.json: expected an object with a 'questions' list .* found an array"):
+        load_vqa_questions(tmp_path / "q.json", a)
+
+
+def test_progress_over_both_vqa_files(tmp_path: Path) -> None:
+    q, a = _vqa_files(
+        tmp_path,
+        [{"image_id": 1, "question": f"Q{i}?", "question_id": i} for i in range(50)],
+        [_note(i, 1, ["yes"] * 10) for i in range(50)],
+    )
+    assert a is not None
+    total = q.stat().st_size + a.stat().st_size
+    calls: list[tuple[int, int]] = []
+    assert len(load_vqa_questions(q, a, on_progress=lambda done, size: calls.append((done, size)))) == 50
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and {size for _, size in calls} == {total} and calls[-1] == (total, total)
+    assert a.stat().st_size in done  # the annotations were read, then the questions
+    calls.clear()
+    load_gqa_questions(_gqa_file(tmp_path), on_progress=lambda done, size: calls.append((done, size)))
+    assert calls[-1] == ((tmp_path / "gqa.json").stat().st_size,) * 2
+
+
+def _gqa_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gqa.json"
+    path.write_text(json.dumps(GQA))
+    return path
+
+
+def test_questions_are_slotted_and_share_repeated_strings(tmp_path: Path) -> None:
+    answers = ["yes"] * 10
+    q, a = _vqa_files(
+        tmp_path,
+        [{"image_id": 7, "question": "A?", "question_id": 1}, {"image_id": 7, "question": "B?", "question_id": 2}],
+        [_note(1, 7, answers), _note(2, 7, answers)],
+    )
+    first, second = load_vqa_questions(q, a)
+    assert not hasattr(first, "__dict__")
+    assert first.human_answers is second.human_answers and first.image_id is second.image_id
+    assert pickle.loads(pickle.dumps(first)) == first
+    with pytest.raises(AttributeError):
+        first.answer = "no"  # type: ignore[misc]

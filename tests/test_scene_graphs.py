@@ -476,3 +476,19 @@ def test_detector_stat_words_rank_by_summed_confidence_then_first_appearance() -
         detector_stat_words(names, attrs[:2], 10)
     with pytest.raises(ValueError, match="num"):
         detector_stat_words(names, attrs, -1)
+
+
+def test_image_given_twice(tmp_path: Path) -> None:
+    # json.load kept the last of two equal keys; reading streaming sees both, and says so.
+    path = tmp_path / "dup.json"
+    path.write_text('{"img9": {"width": 1, "height": 1}, "img9": {"width": 2, "height": 2}}', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_gqa_scene_graphs(path)
+    assert str(info.value) == f"{path}: image img9 appears twice"
+
+
+def test_progress_reaches_the_file_size(tmp_path: Path) -> None:
+    path = _write(tmp_path, OFFICIAL)
+    calls: list[tuple[int, int]] = []
+    graphs = load_gqa_scene_graphs(path, on_progress=lambda done, total: calls.append((done, total)))
+    assert list(graphs) == list(OFFICIAL) and calls[-1] == (path.stat().st_size,) * 2

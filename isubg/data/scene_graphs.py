@@ -9,11 +9,12 @@ width/height, then clipped), so GQA graphs and VQA spatial graphs look the same 
 GQA (`*_sceneGraphs.json`)
 --------------------------
 `load_gqa_scene_graphs` reads the official format, where an object's box is `x`, `y` (top-left corner)
-and `w`, `h` (size) in pixels. The reference code read keys `x1`..`y2`, which official files do not
-have, and so fed a constant (-1, -1, -1, -1) box for every object; here the real box is used. Nodes are
-ordered by object id sorted as strings (the reference's order, so node indices agree with it); edges
-follow the nodes' order and, within a node, the order its relations are listed in. A `relations` field
-may be a list or, as on the GQA download page, a dict whose values are the relations.
+and `w`, `h` (size) in pixels; the file is read streaming, one image record at a time. The reference
+code read keys `x1`..`y2`, which official files do not have, and so fed a constant (-1, -1, -1, -1) box
+for every object; here the real box is used. Nodes are ordered by object id sorted as strings (the
+reference's order, so node indices agree with it); edges follow the nodes' order and, within a node, the
+order its relations are listed in. A `relations` field may be a list or, as on the GQA download page, a
+dict whose values are the relations.
 
 An image with no objects gets one placeholder node named `<empty>` whose box is the whole image and
 whose object id is "" (it stands for no object): every model needs at least one node to attend over.
@@ -64,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from isubg.data.files import read_json, write_json_atomic
+from isubg.data.jsonstream import ProgressFn, iter_object
 from isubg.errors import DataError
 
 if TYPE_CHECKING:
@@ -285,28 +287,34 @@ def _parse_image(image_id: str, record: Any, path: Path) -> SceneGraph:
     )
 
 
-def load_gqa_scene_graphs(path: Path) -> dict[str, SceneGraph]:
-    """Read an official GQA `*_sceneGraphs.json` file.
+def load_gqa_scene_graphs(path: Path, *, on_progress: ProgressFn | None = None) -> dict[str, SceneGraph]:
+    """Read an official GQA `*_sceneGraphs.json` file, one image record at a time.
 
     Args:
         path: `{imageId: {"width", "height", "objects": {objectId: {"name", "x", "y", "w", "h",
             "attributes": [...], "relations": [{"name", "object"}]}}}}`, boxes in pixels (x, y top-left).
             Optional fields such as `location` and `weather` are ignored.
+        on_progress: `on_progress(done_bytes, total_bytes)` as the file is read (see
+            `isubg.data.jsonstream.iter_object`).
 
     Returns:
         Image id -> SceneGraph, in file order. Boxes are normalised and clipped to [0, 1]; an image with
         no objects (or no `objects` field) gets the one-node `<empty>` placeholder graph.
 
     Raises:
-        DataError: unreadable file or malformed JSON (with line and column); a non-positive width or
-            height; an object missing `name`, `x`, `y`, `w` or `h`; a relation pointing to an object id
-            that is not in the same image. The message names the file and the image (and object).
+        DataError: unreadable file or malformed JSON (with line and column); an image id given twice; a
+            non-positive width or height; an object missing `name`, `x`, `y`, `w` or `h`; a relation
+            pointing to an object id that is not in the same image. The message names the file and the
+            image (and object).
     """
     path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, Mapping):
-        raise DataError(f"{path}: expected a JSON object mapping image id -> scene graph")
-    return {str(image_id): _parse_image(str(image_id), record, path) for image_id, record in data.items()}
+    graphs: dict[str, SceneGraph] = {}
+    expected = "a JSON object mapping image id -> scene graph"
+    for image_id, record in iter_object(path, on_progress=on_progress, expected=expected):
+        if image_id in graphs:
+            raise DataError(f"{path}: image {image_id} appears twice")
+        graphs[image_id] = _parse_image(image_id, record, path)
+    return graphs
 
 
 # --- spatial graphs (VQA) -------------------------------------------------------------------------
