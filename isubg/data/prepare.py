@@ -108,10 +108,17 @@ class PrepareReport:
     warnings: list[str] = field(default_factory=list)  # worth a user's attention, e.g. empty detected stat words
 
 
+def _reading(progress: Progress, *paths: Path | None) -> Callable[[int, int], None]:
+    """The byte-progress hook of the file loaders, reported as "reading NAME[ + NAME]"."""
+    what = "reading " + " + ".join(p.name for p in paths if p is not None)
+    return lambda done, total: progress(what, done, total)
+
+
 def _load_questions(dataset: str, files: SplitFiles, progress: Progress = _no_progress) -> list[Question]:
     if dataset == "gqa":
-        return load_gqa_questions(files.questions)
-    return load_vqa_questions(files.questions, files.annotations)
+        return load_gqa_questions(files.questions, on_progress=_reading(progress, files.questions))
+    on_progress = _reading(progress, files.annotations, files.questions)
+    return load_vqa_questions(files.questions, files.annotations, on_progress=on_progress)
 
 
 def _check_features(store: FeatureStore, questions: dict[str, list[Question]]) -> None:
@@ -133,7 +140,7 @@ def _gqa_graphs(
     for split, files in splits.items():
         if files.scene_graphs is None:
             continue  # no public graphs (GQA testdev/test): its images get detector graphs only
-        loaded = load_gqa_scene_graphs(files.scene_graphs)
+        loaded = load_gqa_scene_graphs(files.scene_graphs, on_progress=_reading(progress, files.scene_graphs))
         for q in questions[split]:
             if q.image_id not in loaded and q.image_id not in graphs:
                 raise DataError(
