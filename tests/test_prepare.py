@@ -423,3 +423,18 @@ def test_prepare_reports_progress_per_file_and_step(tmp_path: Path) -> None:
         assert calls[what][-1] == (total, total), what
         assert what.startswith("reading") or calls[what][0] == (0, total), what  # a bar shows before the work
         assert [d for d, _ in calls[what]] == sorted(d for d, _ in calls[what])
+
+
+def test_prepare_is_idempotent_and_cleans_up_after_a_killed_run(tmp_path: Path) -> None:
+    raw = _gqa_raw(tmp_path)
+    files = discover_splits("gqa", raw, ["train", "val"])
+    out = tmp_path / "out"
+    prepare("gqa", files, tmp_path / "feats.h5", out)
+    first = read_manifest(out)["files"]
+    stale = tmp_path / ".out.tmp-1"  # what a prepare killed mid-way leaves
+    (stale / "questions_train").mkdir(parents=True)
+    logged: list[str] = []
+    prepare("gqa", files, tmp_path / "feats.h5", out, log=logged.append)
+    assert read_manifest(out)["files"] == first  # byte for byte the same files
+    assert not stale.exists() and any("interrupted prepare" in line for line in logged)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []

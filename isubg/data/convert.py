@@ -124,7 +124,9 @@ class _Writer:
     """Appends rows to resizable HDF5 datasets under a temporary name."""
 
     def __init__(self, tmp: Path, feature_dim: int, dtype: str, label_names: Sequence[str]) -> None:
-        self.file = h5py.File(tmp, "w")
+        # No file lock: the temporary name is this process's alone, and HDF5's locks fail on some network file
+        # systems (NFS, Lustre) with "unable to lock file", where converted features are usually written.
+        self.file = h5py.File(tmp, "w", locking=False)
         chunk = 256
         self.sets = {
             "image_features": self.file.create_dataset(

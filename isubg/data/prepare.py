@@ -398,7 +398,18 @@ def prepare(
 
 
 def _write(output: Path, **parts: Any) -> PrepareReport:
-    """Write every file into a temporary folder, then move it into place."""
+    """Write every file into a temporary folder, then move it into place.
+
+    So `output` is either the old folder or the complete new one, never a mix; a rerun after a crash removes
+    the crashed run's temporary folder and writes the same files (prepare is deterministic).
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(output.parent.glob(f".{output.name}.tmp-*")) + sorted(
+        output.parent.glob(f".{output.name}.old-*")
+    ):
+        # Left by a prepare that was killed: it never became `output`, and a rerun rebuilds it all.
+        shutil.rmtree(stale, ignore_errors=True)
+        parts["log"](f"removed {stale}, left by an interrupted prepare")
     tmp = output.with_name(f".{output.name}.tmp-{int(time.time() * 1000)}")
     tmp.mkdir(parents=True)
     try:
