@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 # Bumped whenever the same (scale, seed) would give different files, so an old work folder is regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: GQA answers from 1,842 words, VQA answers from 8,000 (3,129 reach 9 uses)
 
 # Real sizes (official releases), scaled by S.
 # GQA 1.2 balanced questions per split and the images they ask about (testdev-balanced: 12,578 questions on
@@ -62,6 +62,10 @@ FEATURE_DIM = 2048
 MIN_BOXES, MAX_BOXES, MEAN_EXTRA_BOXES = 10, 100, 25.0  # boxes = 10 + Gamma(2, 12.5), clipped: mean ~35
 OBJECT_CLASSES, ATTRIBUTE_CLASSES = 1600, 400  # the bottom-up (Visual Genome) detector's vocabularies
 GQA_NAMES, GQA_ATTRIBUTES, GQA_RELATIONS = 1703, 617, 310  # distinct names in the GQA scene graphs
+GQA_ANSWERS = 1842  # distinct answers of the GQA balanced training questions
+# VQA answers are drawn from this many words with Zipf exponent 0.98: at full size about 3,100 of them are
+# the consensus answer of 9 or more training questions, the real vocabulary's 3,129 at isubg's min count 9.
+VQA_ANSWER_WORDS, VQA_ANSWER_ZIPF = 8000, 0.98
 OBJECTS_PER_IMAGE, ATTRIBUTES_PER_OBJECT, RELATIONS_PER_OBJECT = 16, 1.5, 10  # means
 MIN_PER_SPLIT = 2  # images (and so questions) per split at least, whatever the scale
 
@@ -181,10 +185,13 @@ class Vocab:
     names: list[str]
     attributes: list[str]
     relations: list[str]
+    gqa_answers: list[str]
+    vqa_answers: list[str]
 
     @classmethod
     def build(cls) -> Vocab:
-        words = pseudo_words(0, GQA_NAMES + GQA_ATTRIBUTES + GQA_RELATIONS + GQA_NAMES)
+        used = GQA_NAMES + GQA_ATTRIBUTES + GQA_RELATIONS + GQA_NAMES
+        words = pseudo_words(0, used)
         names = words[:GQA_NAMES]
         seconds = words[-GQA_NAMES:]
         # One name in eight has two words ("tennis racket"), as multi-word names exercise entity matching.
@@ -192,7 +199,10 @@ class Vocab:
         attributes = words[GQA_NAMES : GQA_NAMES + GQA_ATTRIBUTES]
         extra = words[GQA_NAMES + GQA_ATTRIBUTES : GQA_NAMES + GQA_ATTRIBUTES + GQA_RELATIONS]
         relations = list(_REAL_RELATIONS) + [f"{w} on" for w in extra[: GQA_RELATIONS - len(_REAL_RELATIONS)]]
-        return cls(names, attributes, relations)
+        # Every attribute can answer a "choose" question; names fill the rest of GQA's answer count.
+        gqa_answers = [*attributes, *names[: GQA_ANSWERS - len(attributes)]]
+        vqa_answers = [*attributes, *names, *pseudo_words(used, VQA_ANSWER_WORDS)][:VQA_ANSWER_WORDS]
+        return cls(names, attributes, relations, gqa_answers, vqa_answers)
 
     def object_vocab_lines(self) -> list[str]:
         # The release lists synonyms on some lines ("bicycle,bike"); the first one names the class.
@@ -417,7 +427,7 @@ def gqa_questions(
     rng: np.random.Generator, count: int, images: Sequence[str], first_qid: int, vocab: Vocab
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(question id, record) pairs of one split: `count` questions spread over `images`, in random order."""
-    answers = [*vocab.names, *vocab.attributes]
+    answers = vocab.gqa_answers
     zipf = {
         "names": Zipf(len(vocab.names)),
         "attributes": Zipf(len(vocab.attributes)),
@@ -516,8 +526,8 @@ def vqa_records(
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(question, annotation) pairs of one split; question id = image id * 1000 + k (VQA's convention)."""
     names, attrs = Zipf(len(vocab.names)), Zipf(len(vocab.attributes))
-    words = [*vocab.attributes, *vocab.names]
-    answers = Zipf(len(words), 1.1)
+    words = vocab.vqa_answers
+    answers = Zipf(len(words), VQA_ANSWER_ZIPF)
     image_of = np.sort(_per_image(rng, count, len(image_ids), base=3))
     next_k: dict[int, int] = {}
     for start in range(0, count, 4096):

@@ -131,6 +131,19 @@ def test_fit_recovers_a_power_law_above_the_baseline(modules: tuple[ModuleType, 
     assert bench.fit_power([0.1], [5.0]) is None
 
 
+def test_memory_extrapolation_takes_the_larger_of_power_law_and_line(modules: tuple[ModuleType, ModuleType]) -> None:
+    _, bench = modules
+    scales = [0.02, 0.05, 0.1]
+    # 120 MB of fixed cost above the import baseline: the power law reads it as slow growth, the line does not.
+    fit = bench.fit_metric(scales, [500 + 5000 * s for s in scales], "rss", baseline=380)
+    assert fit["exponent"] < 0.8 and fit["power_at_1"] < 4000
+    assert fit["at_1"] == pytest.approx(5500, rel=1e-6) == fit["linear"]["at_1"]
+    # Faster than linear: the power law wins.
+    fit = bench.fit_metric(scales, [380 + 4000 * s**1.5 for s in scales], "rss", baseline=380)
+    assert fit["exponent"] == pytest.approx(1.5, abs=1e-3) and fit["at_1"] == pytest.approx(4380, rel=1e-3)
+    assert "linear" not in bench.fit_metric(scales, [1.0, 2.5, 5.0], "time", baseline=0.0)
+
+
 def test_limits_pass_and_fail_at_full_scale(modules: tuple[ModuleType, ModuleType]) -> None:
     _, bench = modules
     records = [
