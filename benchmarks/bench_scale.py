@@ -329,7 +329,12 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def _folder_bytes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    """Bytes per top-level entry of a processed folder (a table folder counts all its arrays)."""
+    sizes = {}
+    for entry in sorted(folder.iterdir()):
+        files = [entry] if entry.is_file() else [f for f in entry.rglob("*") if f.is_file()]
+        sizes[entry.name] = sum(f.stat().st_size for f in files)
+    return sizes
 
 
 def stage_prepare(dataset: str, folder: Path, scale: float) -> dict[str, Any]:
