@@ -33,6 +33,7 @@ from isubg.errors import DataError
 __all__ = ["Sample", "VQADataset", "collate", "graph_token_words"]
 
 MAX_ATTRIBUTES = 3  # attribute slots per scene-graph node
+GRAPH_KINDS = ("gt", "detected")  # the graph tables of a processed folder, in the order "auto" looks
 
 
 @dataclass
@@ -138,10 +139,11 @@ class VQADataset(Dataset[Sample]):
         self.question_len, self.num_stat_word = question_len, num_stat_word
         self.answers = AnswerVocab.from_json(read_json(self.folder / "answers.json"))
         self.graph_vocab = GraphVocab.load(self.folder / "graph_vocab.json")
-        self._graphs = self._graph_tables()
-        # Stat words: the ground truth's only under "gt"; "auto" takes the detector's, as at test time.
-        stats_kind = "gt" if scene_graphs == "gt" else "detected"
-        self._stats = GraphTable(self.folder / f"graphs_{stats_kind}", self.graph_vocab)
+        self._tables = {kind: GraphTable(self.folder / f"graphs_{kind}", self.graph_vocab) for kind in GRAPH_KINDS}
+        # Where `graph` looks, in order; stat words: the ground truth's only under "gt", else (also under "auto")
+        # the detector's, as at test time.
+        self._graph_kinds = {"gt": ("gt",), "detected": ("detected",), "auto": GRAPH_KINDS}[scene_graphs]
+        self._stats_kind = "gt" if scene_graphs == "gt" else "detected"
         given = recorded_paths(self.manifest["features"]) if features is None else features
         paths = [Path(p) for p in ([given] if isinstance(given, (str, Path)) else given)]
         paths = [p if p.is_absolute() else self.folder / p for p in paths]
@@ -187,30 +189,27 @@ class VQADataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _graph_tables(self) -> list[tuple[str, GraphTable]]:
-        """(kind, table) in the order `graph` looks: ground truth first, then detector, as the mode allows."""
-        kinds = {"gt": ["gt"], "detected": ["detected"], "auto": ["gt", "detected"]}[self.scene_graphs]
-        return [(kind, GraphTable(self.folder / f"graphs_{kind}", self.graph_vocab)) for kind in kinds]
+    def _no_graph(self, image_id: str) -> DataError:
+        files = " or ".join(f"graphs_{kind}" for kind in self._graph_kinds)
+        return DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
 
     def graph(self, image_id: str) -> SceneGraph:
         """The scene graph of an image, the one the model is fed under this dataset's `scene_graphs` mode."""
-        for _, table in self._graphs:
+        for kind in self._graph_kinds:
+            table = self._tables[kind]
             if image_id in table:
                 return table.graph(table.rows[image_id])
-        files = " or ".join(f"graphs_{kind}" for kind, _ in self._graphs)
-        raise DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
+        raise self._no_graph(image_id)
 
     def _graph_and_stats(self, index: int) -> tuple[Data, np.ndarray]:
         """Item `index`'s encoded scene graph under the mode and its image's stat-word ids, by the stored rows."""
-        rows = dict(zip(("gt", "detected"), self.records.graph_rows(index), strict=True))
-        kind, table = next(((k, t) for k, t in self._graphs if rows[k] >= 0), (None, None))
-        if table is None or kind is None:
-            image_id = self.records.text("image_id", index)
-            files = " or ".join(f"graphs_{kind}" for kind, _ in self._graphs)
-            raise DataError(f"{self.folder}: no scene graph for image {image_id} in {files}")
-        stats_row = rows["gt" if self.scene_graphs == "gt" else "detected"]
-        stats = self._stats.stat(stats_row) if stats_row >= 0 else np.zeros(0, np.int32)
-        return table.pyg(rows[kind], MAX_ATTRIBUTES), stats
+        rows = dict(zip(GRAPH_KINDS, self.records.graph_rows(index), strict=True))
+        kind = next((k for k in self._graph_kinds if rows[k] >= 0), None)
+        if kind is None:
+            raise self._no_graph(self.records.text("image_id", index))
+        stats_row = rows[self._stats_kind]
+        stats = self._tables[self._stats_kind].stat(stats_row) if stats_row >= 0 else np.zeros(0, np.int32)
+        return self._tables[kind].pyg(rows[kind], MAX_ATTRIBUTES), stats
 
     def __getitem__(self, index: int) -> Sample:
         table = self.records

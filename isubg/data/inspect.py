@@ -123,11 +123,12 @@ def _majority(table: QuestionTable, answer: int | None) -> float:
     return float(np.asarray(table.a["scores"])[hits].sum()) / len(table)
 
 
-def _check_split(split: str, table: QuestionTable, refs: dict[str, Any], problems: list[str]) -> dict[str, int]:
-    """Cross-reference one split's questions; returns per-split counts."""
+def _check_split(
+    split: str, table: QuestionTable, image_ids: list[str], refs: dict[str, Any], problems: list[str]
+) -> dict[str, int]:
+    """Cross-reference one split's questions (`image_ids`: each question's image); returns per-split counts."""
     store: FeatureStore | FeatureShards = refs["store"]
     a = table.a
-    image_ids = table.column_text("image_id")
     images = set(image_ids)
     detected = refs["graphs_detected"]
     missing = {
@@ -227,7 +228,8 @@ def inspect_processed(folder: Path) -> InspectReport:
     report.summary.update(_sources_summary(manifest, refs))
     used: set[str] = set()
     for split, table in splits.items():
-        info = _check_split(split, table, refs, report.problems)
+        image_ids = table.column_text("image_id")
+        info = _check_split(split, table, image_ids, refs, report.problems)
         if not len(table):
             report.problems.append(f"split {split}: empty")
         baseline = f", majority '{answers[top]}' {_majority(table, top):.1%}" if top is not None else ""
@@ -236,7 +238,7 @@ def inspect_processed(folder: Path) -> InspectReport:
             f"{info['questions']} questions, {info['images']} images, {info['unanswerable']} unanswerable"
             + (baseline if labelled else ", no answers")
         )
-        used.update(i for i in table.column_text("image_id") if i in store)
+        used.update(i for i in set(image_ids) if i in store)
     total = max(1, len(train) if train is not None else 0)
     report.summary["top train answers"] = ", ".join(f"{answers[a]} {c / total:.1%}" for a, c in counts[:5]) or "-"
     report.box_histogram = box_histogram([store.num_boxes(i) for i in sorted(used)])

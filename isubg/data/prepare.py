@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -75,11 +75,21 @@ Log = Callable[[str], None]
 # progress(what, done, total): called as each long step advances ("reading train_balanced_questions.json" in
 # bytes, "detector scene graphs" in images, "writing questions_train" in questions), last with done == total.
 Progress = Callable[[str, int, int], None]
+T = TypeVar("T")
 _EVERY = 2000  # items between progress calls
 
 
 def _no_progress(what: str, done: int, total: int) -> None:
     """The default progress hook: report nothing."""
+
+
+def _reporting(items: Iterable[T], total: int, what: str, progress: Progress) -> Iterator[T]:
+    """`items`, reporting `what` to `progress` before the first, every `_EVERY` items and after the last."""
+    for done, item in enumerate(items):
+        if done % _EVERY == 0:
+            progress(what, done, total)
+        yield item
+    progress(what, total, total)
 
 
 SceneGraphMode = Literal["auto", "gt", "detected"]  # data.scene_graphs
@@ -206,9 +216,7 @@ def _detected_graphs(
     """
     object_names, attribute_names = _read_vocab_lines(objects), _read_vocab_lines(attributes)
     graphs, words = {}, {}
-    for done, image_id in enumerate(image_ids):
-        if done % _EVERY == 0:
-            progress("detector scene graphs", done, len(image_ids))
+    for image_id in _reporting(image_ids, len(image_ids), "detector scene graphs", progress):
         boxes = store.get(image_id)
         size = store.image_size(image_id)
         # Without a recorded image size, the normalised spatials are the boxes of a 1 x 1 image.
@@ -228,7 +236,6 @@ def _detected_graphs(
             name_conf=boxes.label_conf,
             attribute_conf=boxes.attribute_conf,
         )
-    progress("detector scene graphs", len(image_ids), len(image_ids))
     return graphs, words
 
 
@@ -455,13 +462,11 @@ def _write_files(
     log("writing questions")
     for split, items in questions.items():
         table, unanswerable = QuestionWriter(), 0
-        for done, record in enumerate(_records(dataset, items, words, vocab, names)):
-            if done % _EVERY == 0:
-                progress(f"writing questions_{split}", done, len(items))
+        records = _records(dataset, items, words, vocab, names)
+        for record in _reporting(records, len(items), f"writing questions_{split}", progress):
             unanswerable += record["labels"] == []
             table.add(record, gt.rows.get(record["image_id"], -1), detected.rows[record["image_id"]])
         table.write(tmp / f"questions_{split}")
-        progress(f"writing questions_{split}", len(items), len(items))
         report.splits[split] = {"questions": len(table), "images": len({q.image_id for q in items})}
         report.out_of_vocab[split] = unanswerable
     log("computing tf-idf")

@@ -70,12 +70,10 @@ class Ragged:
 
     def arrays(self, name: str) -> dict[str, np.ndarray]:
         """{name: values, name_offsets: offsets} as numpy arrays."""
-        values = np.frombuffer(self.values, dtype=self.values.typecode).copy() if self.values else None
-        if values is None:
-            values = np.zeros(0, dtype=np.dtype(self.values.typecode))
+        values = np.array(self.values, dtype=np.dtype(self.values.typecode))  # one buffer copy, empty or not
         if self.width > 1:
             values = values.reshape(-1, self.width)
-        return {name: values, f"{name}_offsets": np.frombuffer(self.offsets, dtype=np.int64).copy()}
+        return {name: values, f"{name}_offsets": np.array(self.offsets, dtype=np.int64)}
 
 
 class TextColumn(Ragged):
@@ -91,6 +89,12 @@ class TextColumn(Ragged):
 
 def _text(values: np.ndarray, offsets: np.ndarray, i: int) -> str:
     return bytes(values[offsets[i] : offsets[i + 1]]).decode("utf-8")
+
+
+def _texts(values: np.ndarray, offsets: np.ndarray, rows: Iterable[int]) -> list[str]:
+    """The text of each of `rows`, from one bytes copy of the column (for whole-column reads)."""
+    data = bytes(values)
+    return [data[offsets[r] : offsets[r + 1]].decode("utf-8") for r in rows]
 
 
 def _write(folder: Path, kind: str, rows: int, arrays: Mapping[str, np.ndarray], **meta: Any) -> None:
@@ -176,8 +180,9 @@ class QuestionWriter:
         answers = self.answers.arrays("answers")
         arrays["answers"], arrays["answer_bytes_offsets"] = answers["answers"], answers["answers_offsets"]
         arrays["answers_offsets"] = np.concatenate([[0], np.cumsum(np.asarray(self.answers_count, dtype=np.int64))])
-        for name in ("answered", "gt_row", "detected_row"):
-            arrays[name] = np.asarray(getattr(self, name), dtype=np.uint8 if name == "answered" else np.int32)
+        arrays["answered"] = np.array(self.answered, dtype=np.uint8)
+        arrays["gt_row"] = np.array(self.gt_row, dtype=np.int32)
+        arrays["detected_row"] = np.array(self.detected_row, dtype=np.int32)
         _write(folder, "questions", len(self), arrays)
 
 
@@ -229,14 +234,8 @@ class QuestionTable(Sequence[dict[str, Any]]):
 
     def column_text(self, name: str) -> list[str]:
         """Every item's text in column `name` (decoded in one pass)."""
-        values, offsets = bytes(self.a[name]), self.a[f"{name}_offsets"]
         rows = range(int(self.meta["rows"])) if self._rows is None else self._rows
-        return [values[offsets[r] : offsets[r + 1]].decode("utf-8") for r in rows]
-
-    def column(self, name: str) -> np.ndarray:
-        """Plain column `name` (answered, gt_row, detected_row) for every item, in item order."""
-        values = self.a[name]
-        return np.asarray(values if self._rows is None else values[self._rows])
+        return _texts(self.a[name], self.a[f"{name}_offsets"], rows)
 
     def _ragged(self, name: str, offsets: str, i: int) -> np.ndarray:
         r = self.row(i)
@@ -378,16 +377,12 @@ class GraphTable:
     def rows(self) -> dict[str, int]:
         """image id -> row, built on first use (explanations and checks look graphs up by id)."""
         if self._rows is None:
-            values, offsets = bytes(self.a["image_id"]), self.a["image_id_offsets"]
-            self._rows = {values[offsets[r] : offsets[r + 1]].decode("utf-8"): r for r in range(len(self))}
+            ids = _texts(self.a["image_id"], self.a["image_id_offsets"], range(len(self)))
+            self._rows = {image_id: r for r, image_id in enumerate(ids)}
         return self._rows
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self.rows
-
-    def image_id(self, row: int) -> str:
-        """The image id of `row`."""
-        return _text(self.a["image_id"], self.a["image_id_offsets"], row)
 
     def sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """(nodes per image, relation edges per image), int64 arrays of length len(self)."""
@@ -398,43 +393,40 @@ class GraphTable:
         offsets = self.a["stat_offsets"]
         return np.asarray(self.a["stat"][offsets[row] : offsets[row + 1]])
 
-    def graph(self, row: int) -> SceneGraph:
-        """The scene graph of `row`'s image, decoded."""
+    def _encoded(self, row: int) -> tuple[list[int], list[list[int]], np.ndarray, list[list[int]], list[int]]:
+        """`row`'s graph as stored: (name ids, attribute ids per node, boxes (N, 4), edges [[s, t]], relation ids)."""
         first, last = int(self.a["names_offsets"][row]), int(self.a["names_offsets"][row + 1])
-        tokens = self.vocab.tokens_by_id
         bounds = self.a["attributes_offsets"][first : last + 1].tolist()
         attr_ids = self.a["attributes"][bounds[0] : bounds[-1]].tolist()
-        attributes = [[tokens[t] for t in attr_ids[s - bounds[0] : e - bounds[0]]] for s, e in pairwise(bounds)]
+        attributes = [attr_ids[s - bounds[0] : e - bounds[0]] for s, e in pairwise(bounds)]
         e0, e1 = int(self.a["edges_offsets"][row]), int(self.a["edges_offsets"][row + 1])
+        names, boxes = self.a["names"][first:last].tolist(), self.a["boxes"][first:last]
+        return names, attributes, boxes, self.a["edges"][e0:e1].tolist(), self.a["relations"][e0:e1].tolist()
+
+    def graph(self, row: int) -> SceneGraph:
+        """The scene graph of `row`'s image, decoded."""
+        names, attributes, boxes, edges, relations = self._encoded(row)
+        tokens = self.vocab.tokens_by_id
         object_ids: list[str] = []
         if self.meta.get("object_ids"):
+            first = int(self.a["names_offsets"][row])
             values, offsets = self.a["object_ids"], self.a["object_id_bytes_offsets"]
-            object_ids = [_text(values, offsets, j) for j in range(first, last)]
+            object_ids = [_text(values, offsets, j) for j in range(first, first + len(names))]
         return SceneGraph(
-            names=[tokens[t] for t in self.a["names"][first:last].tolist()],
-            attributes=attributes,
-            boxes=np.array(self.a["boxes"][first:last]),
-            edges=np.array(self.a["edges"][e0:e1], dtype=np.int64),
-            relations=[tokens[t] for t in self.a["relations"][e0:e1].tolist()],
+            names=[tokens[t] for t in names],
+            attributes=[[tokens[t] for t in attrs] for attrs in attributes],
+            boxes=np.array(boxes),
+            edges=np.array(edges, dtype=np.int64).reshape(-1, 2),
+            relations=[tokens[t] for t in relations],
             object_ids=object_ids,
         )
 
     def pyg(self, row: int, max_attributes: int) -> Data:
         """`to_pyg(self.graph(row), vocab, max_attributes)`, built from the stored ids without decoding them."""
-        first, last = int(self.a["names_offsets"][row]), int(self.a["names_offsets"][row + 1])
-        bounds = self.a["attributes_offsets"][first : last + 1].tolist()
-        attr_ids = self.a["attributes"][bounds[0] : bounds[-1]].tolist()
+        names, attributes, boxes, edges, relations = self._encoded(row)
         # Stored ids are all known tokens, so removing repeated ids is to_pyg's removal of repeated tokens.
-        attributes = [list(dict.fromkeys(attr_ids[s - bounds[0] : e - bounds[0]])) for s, e in pairwise(bounds)]
-        e0, e1 = int(self.a["edges_offsets"][row]), int(self.a["edges_offsets"][row + 1])
-        return encoded_to_pyg(
-            self.a["names"][first:last].tolist(),
-            attributes,
-            self.a["boxes"][first:last],
-            self.a["edges"][e0:e1].tolist(),
-            self.a["relations"][e0:e1].tolist(),
-            max_attributes,
-        )
+        unique = [list(dict.fromkeys(attrs)) for attrs in attributes]
+        return encoded_to_pyg(names, unique, boxes, edges, relations, max_attributes)
 
     def graph_of(self, image_id: str) -> SceneGraph:
         """The scene graph of an image by id (DataError when the table has none)."""

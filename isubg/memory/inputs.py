@@ -46,15 +46,17 @@ def largest_graph(folder: Path) -> tuple[int, int]:
         found += len(table)
         nodes, edges = table.sizes()
         most_nodes = max(most_nodes, int(nodes.max()))
-        most_edges = max(most_edges, int((edges + _added_reverse_edges(table)).max()))
+        most_edges = max(most_edges, int((edges + _added_reverse_edges(table, edges)).max()))
     if not found:
         raise DataError(f"{folder}: graphs_gt and graphs_detected hold no scene graph")
     return max(most_nodes, 1), most_edges
 
 
-def _added_reverse_edges(table: GraphTable) -> np.ndarray:
-    """Per image, the reverse edges `to_pyg` adds: distinct (t, s) of its edges (s, t) that are not edges."""
-    _, per_image = table.sizes()
+def _added_reverse_edges(table: GraphTable, per_image: np.ndarray) -> np.ndarray:
+    """Per image, the reverse edges `to_pyg` adds: distinct (t, s) of its edges (s, t) that are not edges.
+
+    `per_image` is the table's relation edges per image (`GraphTable.sizes`).
+    """
     image = np.repeat(np.arange(len(table), dtype=np.int64), per_image)
     pairs = np.asarray(table.a["edges"], dtype=np.int64).reshape(-1, 2)
     width = int(pairs.max()) + 1 if pairs.size else 1
