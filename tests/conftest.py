@@ -28,6 +28,25 @@ def write_yaml(tmp_path: Path) -> Callable[[str, str], Path]:
     return _write
 
 
+@pytest.fixture
+def h5py_opens(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """The keyword arguments of every `h5py.File(...)` call from here to the end of the test.
+
+    Request it after the fixtures that write HDF5 files, so only the code under test is recorded.
+    """
+    import h5py
+
+    opened: list[dict[str, object]] = []
+    real = h5py.File
+
+    def spy(*args: object, **kwargs: object) -> h5py.File:
+        opened.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", spy)
+    return opened
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The root of a tiny demo build (processed/gqa and processed/vqa inside), built once per session."""

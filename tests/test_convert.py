@@ -137,19 +137,7 @@ def test_missing_input(tmp_path: Path) -> None:
         convert_tsv([tmp_path / "none.tsv"], tmp_path / "o.h5")
 
 
-def test_the_converter_writes_without_an_hdf5_file_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import h5py
-
-    import isubg.data.convert as convert
-
-    opened: list[dict] = []
-    real = h5py.File
-
-    def spy(*args: object, **kwargs: object) -> h5py.File:
-        opened.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert.h5py, "File", spy)
+def test_the_converter_writes_without_an_hdf5_file_lock(tmp_path: Path, h5py_opens: list[dict[str, object]]) -> None:
     _write_tsv(tmp_path / "a.tsv", [(1, 10)])
     convert_tsv([tmp_path / "a.tsv"], tmp_path / "out.h5")
-    assert opened and all(kwargs.get("locking") is False for kwargs in opened)
+    assert h5py_opens and all(kwargs.get("locking") is False for kwargs in h5py_opens)

@@ -199,24 +199,14 @@ def test_a_pickle_that_is_not_plain_data_is_refused(tmp_path: Path) -> None:
 
 
 def test_no_handle_is_held_until_a_read_and_reads_take_no_file_lock(
-    adaptive: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+    adaptive: tuple[Path, dict], h5py_opens: list[dict[str, object]]
 ) -> None:
-    import isubg.data.features as features
-
-    opened: list[dict] = []
-    real = h5py.File
-
-    def spy(*args: object, **kwargs: object) -> h5py.File:
-        opened.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(features.h5py, "File", spy)
     path, boxes = adaptive
     store = FeatureStore(path)
     assert store._handle is None, "a process that forks loader workers next must hold no HDF5 handle"
     store.get(next(iter(boxes)))
     assert store._handle is not None
-    assert opened and all(kwargs.get("locking") is False for kwargs in opened)
+    assert h5py_opens and all(kwargs.get("locking") is False for kwargs in h5py_opens)
 
 
 def test_loader_workers_fork_from_a_process_without_open_files(tiny_demo: Path) -> None:
